@@ -1,0 +1,99 @@
+"""Every config key d2_detr adds to Detectron2's config, with the DETR recipe's defaults.
+
+Keys written for facebookresearch/detr's Detectron2 wrapper (``MODEL.DETR.{NUM_CLASSES, GIOU_WEIGHT,
+L1_WEIGHT, DEEP_SUPERVISION, NO_OBJECT_WEIGHT, NHEADS, DROPOUT, DIM_FEEDFORWARD, ENC_LAYERS, DEC_LAYERS,
+PRE_NORM, HIDDEN_DIM, NUM_OBJECT_QUERIES, FROZEN_WEIGHTS}``, ``SOLVER.{OPTIMIZER, BACKBONE_MULTIPLIER}``)
+keep their names and meaning, so configs written for it load unchanged.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_detr_config"]
+
+
+def add_detr_config(cfg: CN) -> None:
+    """Add d2_detr's keys to a Detectron2 config, in place. Calling it twice is harmless."""
+    cfg.MODEL.DETR = CN()
+    detr = cfg.MODEL.DETR
+    # Number of foreground classes; the class head has NUM_CLASSES + 1 outputs (last = "no object").
+    detr.NUM_CLASSES = 80
+    # Backbone feature map fed to the transformer (one level only; position encodings are computed for it alone).
+    detr.IN_FEATURE = "res5"
+    # Checkpoint whose weights are loaded and frozen before training (two-stage mask training); "" = none.
+    detr.FROZEN_WEIGHTS = ""
+
+    # ---- transformer ----
+    # Registered name of the encoder-decoder (see d2_detr.modeling.transformer.DETR_TRANSFORMER_REGISTRY).
+    detr.TRANSFORMER_NAME = "DetrTransformer"
+    # Transformer width d; the backbone feature is projected to it by a 1x1 conv.
+    detr.HIDDEN_DIM = 256
+    # Attention heads in every attention layer.
+    detr.NHEADS = 8
+    # Dropout in attention and feed-forward blocks.
+    detr.DROPOUT = 0.1
+    # Hidden width of the feed-forward blocks.
+    detr.DIM_FEEDFORWARD = 2048
+    # Encoder layers.
+    detr.ENC_LAYERS = 6
+    # Decoder layers.
+    detr.DEC_LAYERS = 6
+    # LayerNorm before (True) or after (False, the paper's default) each sub-layer.
+    detr.PRE_NORM = False
+    # Number of learned object queries = number of predictions per image.
+    detr.NUM_OBJECT_QUERIES = 100
+    # Position encoding of the feature map: "sine" (default), "learned", or a registered name.
+    detr.POSITION_EMBEDDING = "sine"
+
+    # ---- set loss ----
+    # Registered name of the set criterion (d2_detr.modeling.criterion.DETR_CRITERION_REGISTRY).
+    detr.CRITERION_NAME = "SetCriterion"
+    # Apply the loss to every decoder layer's output (auxiliary losses).
+    detr.DEEP_SUPERVISION = True
+    # Cross-entropy weight of the "no object" class (eos_coef).
+    detr.NO_OBJECT_WEIGHT = 0.1
+    # Weight of the classification (cross-entropy) loss.
+    detr.CLASS_WEIGHT = 1.0
+    # Weight of the L1 box loss (normalised cx, cy, w, h).
+    detr.L1_WEIGHT = 5.0
+    # Weight of the generalised-IoU box loss.
+    detr.GIOU_WEIGHT = 2.0
+
+    # ---- Hungarian matcher (costs are independent of the loss weights) ----
+    # Registered name of the matcher (d2_detr.modeling.matcher.DETR_MATCHER_REGISTRY).
+    detr.MATCHER_NAME = "HungarianMatcher"
+    # Weight of -softmax probability of the target class in the matching cost.
+    detr.COST_CLASS = 1.0
+    # Weight of the L1 box distance in the matching cost.
+    detr.COST_BBOX = 5.0
+    # Weight of -GIoU in the matching cost.
+    detr.COST_GIOU = 2.0
+
+    # ---- inference ----
+    # 0: the paper's rule (every query returned, score = best non-"no object" probability);
+    # k > 0: keep the k best (query, class) pairs of each image instead.
+    detr.TEST_TOPK = 0
+
+    # ---- backbone ----
+    # With MODEL.RESNETS.RES5_DILATION = 2 (DC5): keep dilation 1 in the first res5 block as torchvision
+    # does (True, the original DETR) instead of dilating every block as Detectron2 does (False).
+    detr.TORCHVISION_DILATION = True
+
+    # ---- data ----
+    # With INPUT.CROP.ENABLED: probability of the crop branch of DETR's augmentation (else plain resize).
+    cfg.INPUT.CROP.PROB = 0.5
+    # With INPUT.CROP.ENABLED: shortest-edge sizes (one picked at random) the image is resized to before
+    # the random crop; after the crop it is resized again to one of INPUT.MIN_SIZE_TRAIN.
+    cfg.INPUT.CROP.MIN_SIZE_BEFORE_CROP = (400, 500, 600)
+    # Images per batch at inference (Detectron2 v0.6 always uses 1); AP does not depend on it.
+    cfg.TEST.IMS_PER_BATCH = 1
+
+    # ---- solver ----
+    # "ADAMW" (the recipe) or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Learning-rate multiplier of the backbone's parameters.
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Gradient clipping of the recipe: the whole model's L2 norm at 0.1. CLIP_TYPE "full_model" is added
+    # here; Detectron2's "value" and "norm" (per parameter) still work.
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0

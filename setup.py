@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""d2-detr: DETR (End-to-End Object Detection with Transformers) as Detectron2 components.
+
+detectron2 itself is not listed in install_requires: it is not on the package registry under its own
+name. Install it first (an official build, or `python tools/install_detectron2.py`, see README.md).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="d2-detr",
+    version="0.1.0",
+    description="DETR as a Detectron2 plugin: model, Hungarian matcher, set criterion, configs and tools",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.8",
+    packages=find_packages(include=("d2_detr", "d2_detr.*")),
+    install_requires=[
+        "torch>=1.10",
+        "torchvision",
+        "scipy",
+        "fvcore",
+        "pycocotools>=2.0.2",
+        # detectron2 imports cv2 in its Visualizer (demo, quickstart pictures) but leaves it to the user.
+        "opencv-python-headless",
+    ],
+    extras_require={"dev": ["pytest"]},
+)
