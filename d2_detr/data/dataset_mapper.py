@@ -1,0 +1,111 @@
+"""DETR's dataset mapper: Detectron2 dataset dicts -> model inputs, with DETR's augmentation."""
+import copy
+import logging
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DetrDatasetMapper", "build_detr_augmentation"]
+
+
+def build_detr_augmentation(cfg, is_train: bool):
+    """DETR's augmentation as two Detectron2 augmentation lists.
+
+    Returns (resize_branch, crop_branch). Training: the resize branch is [flip, resize to one of
+    MIN_SIZE_TRAIN]; the crop branch (None when INPUT.CROP is off) is [flip, resize to one of
+    CROP.MIN_SIZE_BEFORE_CROP, random crop of CROP.SIZE, resize to one of MIN_SIZE_TRAIN].
+    Test: ([resize to MIN_SIZE_TEST], None).
+    """
+    if not is_train:
+        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")], None
+    flip = T.RandomFlip(horizontal=True, vertical=False)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                                  cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
+    if not cfg.INPUT.CROP.ENABLED:
+        return [flip, resize], None
+    crop = [
+        T.ResizeShortestEdge(cfg.INPUT.CROP.MIN_SIZE_BEFORE_CROP, sample_style="choice"),
+        T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE),
+    ]
+    return [flip, resize], [flip, *crop, resize]
+
+
+class DetrDatasetMapper:
+    """Reads the image, applies DETR's augmentation, and builds ``Instances`` of the annotations.
+
+    Crowd annotations are dropped; masks are kept only when ``mask_on``. Boxes that end up empty
+    (zero width or height, or cropped away) are removed. Grayscale and RGBA images are converted to
+    ``image_format`` by Detectron2's ``read_image``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        augmentations: List[T.Augmentation],
+        crop_augmentations: Optional[List[T.Augmentation]] = None,
+        crop_prob: float = 0.5,
+        image_format: str = "RGB",
+        mask_on: bool = False,
+        mask_format: str = "polygon",
+    ):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.crop_augmentations = T.AugmentationList(crop_augmentations) if crop_augmentations else None
+        self.crop_prob = crop_prob
+        self.image_format = image_format
+        self.mask_on = mask_on
+        self.mask_format = mask_format
+        mode = "training" if is_train else "inference"
+        logger.info(f"DETR augmentation for {mode}: {augmentations}; crop branch: {crop_augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        augmentations, crop_augmentations = build_detr_augmentation(cfg, is_train)
+        return {
+            "is_train": is_train,
+            "augmentations": augmentations,
+            "crop_augmentations": crop_augmentations,
+            "crop_prob": cfg.INPUT.CROP.PROB,
+            "image_format": cfg.INPUT.FORMAT,
+            "mask_on": cfg.MODEL.MASK_ON,
+            "mask_format": cfg.INPUT.MASK_FORMAT,
+        }
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        augmentations = self.augmentations
+        if self.crop_augmentations is not None and np.random.rand() < self.crop_prob:
+            augmentations = self.crop_augmentations
+        aug_input = T.AugInput(image)
+        transforms = augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]  # (h, w)
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        annos = [
+            utils.transform_instance_annotations(self._strip(obj), transforms, image_shape)
+            for obj in dataset_dict.pop("annotations", [])
+            if obj.get("iscrowd", 0) == 0
+        ]
+        instances = utils.annotations_to_instances(annos, image_shape, mask_format=self.mask_format)
+        dataset_dict["instances"] = utils.filter_empty_instances(instances)
+        return dataset_dict
+
+    def _strip(self, obj: Dict) -> Dict:
+        """Drop what the model does not use, so it is not transformed for nothing."""
+        obj.pop("keypoints", None)
+        if not self.mask_on:
+            obj.pop("segmentation", None)
+        return obj

@@ -1,0 +1,7 @@
+from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from .box_ops import (
+    box_cxcywh_to_xyxy,
+    box_xyxy_to_cxcywh,
+    elementwise_generalized_box_iou,
+    generalized_box_iou,
+)

@@ -1,0 +1,136 @@
+"""Position encodings of a backbone feature map, as in DETR (Carion et al. 2020).
+
+Both encodings take the padding mask of the feature map (``True`` on padded cells) and return a
+``(B, 2 * num_pos_feats, H, W)`` tensor that is added to the attention queries and keys of the transformer.
+"""
+import math
+
+import torch
+from detectron2.config import configurable
+from torch import Tensor, nn
+
+from d2_detr.modeling.registry import DETR_POSITION_ENCODING_REGISTRY
+
+__all__ = ["PositionEmbeddingSine", "PositionEmbeddingLearned"]
+
+
+def _half_hidden_dim(cfg) -> int:
+    """Features per axis for ``cfg.MODEL.DETR.HIDDEN_DIM``: half of it, so that both halves sum to d."""
+    hidden_dim = cfg.MODEL.DETR.HIDDEN_DIM
+    if hidden_dim % 2 != 0:
+        raise ValueError(f"MODEL.DETR.HIDDEN_DIM must be even for a 2-D position encoding, got {hidden_dim}")
+    return hidden_dim // 2
+
+
+@DETR_POSITION_ENCODING_REGISTRY.register()
+class PositionEmbeddingSine(nn.Module):
+    """2-D sine encoding: ``num_pos_feats`` features of the row position, then as many of the column position.
+
+    Positions are counted over valid (unpadded) cells only, so a cell's encoding does not depend on how much
+    padding follows it. With ``normalize`` they are divided by the last valid position (+1e-6) and multiplied
+    by ``scale``. Feature ``i`` of an axis is ``sin`` (even ``i``) or ``cos`` (odd ``i``) of
+    ``position / temperature ** (2 * floor(i / 2) / num_pos_feats)``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        num_pos_feats: int = 128,
+        temperature: float = 10000.0,
+        normalize: bool = True,
+        scale: float = 2 * math.pi,
+    ) -> None:
+        """
+        Args:
+            num_pos_feats: features per axis (even); the output has ``2 * num_pos_feats`` channels.
+            temperature: base of the geometric progression of wavelengths.
+            normalize: divide positions by the last valid position of their row/column.
+            scale: factor applied to normalised positions (unused without ``normalize``).
+        """
+        super().__init__()
+        if num_pos_feats % 2 != 0:
+            raise ValueError(f"num_pos_feats must be even (sin/cos pairs), got {num_pos_feats}")
+        self.num_pos_feats = num_pos_feats
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale = scale
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {"num_pos_feats": _half_hidden_dim(cfg)}
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """
+        Args:
+            mask: (B, H, W) bool, True on padded cells.
+
+        Returns:
+            (B, 2 * num_pos_feats, H, W) float32 encoding, row (y) features first.
+        """
+        not_mask = ~mask
+        y_embed = not_mask.cumsum(1, dtype=torch.float32)  # (B, H, W)
+        x_embed = not_mask.cumsum(2, dtype=torch.float32)  # (B, H, W)
+        if self.normalize:
+            eps = 1e-6
+            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+
+        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+
+        pos_x = x_embed[:, :, :, None] / dim_t  # (B, H, W, num_pos_feats)
+        pos_y = y_embed[:, :, :, None] / dim_t
+        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2 * num_pos_feats, H, W)
+
+
+@DETR_POSITION_ENCODING_REGISTRY.register()
+class PositionEmbeddingLearned(nn.Module):
+    """Learned absolute encoding: a column embedding (first half) and a row embedding (second half).
+
+    Supports feature maps of at most ``num_positions`` rows and columns.
+    """
+
+    @configurable
+    def __init__(self, num_pos_feats: int = 128, num_positions: int = 50) -> None:
+        """
+        Args:
+            num_pos_feats: features per axis; the output has ``2 * num_pos_feats`` channels.
+            num_positions: number of learned rows and of learned columns.
+        """
+        super().__init__()
+        self.num_positions = num_positions
+        self.row_embed = nn.Embedding(num_positions, num_pos_feats)
+        self.col_embed = nn.Embedding(num_positions, num_pos_feats)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {"num_pos_feats": _half_hidden_dim(cfg)}
+
+    def reset_parameters(self) -> None:
+        """Uniform [0, 1) initialisation of both embeddings, as in the original DETR."""
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """
+        Args:
+            mask: (B, H, W) bool padding mask; only its shape and device are used.
+
+        Returns:
+            (B, 2 * num_pos_feats, H, W) encoding, column (x) features first.
+        """
+        batch_size, h, w = mask.shape
+        if h > self.num_positions or w > self.num_positions:
+            raise ValueError(
+                f"Feature map of size {h}x{w} exceeds the {self.num_positions} learned positions per axis; "
+                "increase num_positions or use the sine encoding."
+            )
+        x_emb = self.col_embed(torch.arange(w, device=mask.device))  # (W, num_pos_feats)
+        y_emb = self.row_embed(torch.arange(h, device=mask.device))  # (H, num_pos_feats)
+        pos = torch.cat(
+            [x_emb.unsqueeze(0).expand(h, w, -1), y_emb.unsqueeze(1).expand(h, w, -1)], dim=-1
+        )  # (H, W, 2 * num_pos_feats)
+        return pos.permute(2, 0, 1).unsqueeze(0).repeat(batch_size, 1, 1, 1)

@@ -1,0 +1,215 @@
+"""DETR's set criterion: Hungarian matching followed by classification and box losses.
+
+For each supervised decoder layer the predictions are matched to the targets, then
+``loss_ce`` (cross-entropy over all queries, unmatched ones labelled "no object", whose class weight is
+``eos_coef``), ``loss_bbox`` (L1 on matched normalised cxcywh boxes) and ``loss_giou`` (1 - GIoU of matched
+boxes) are computed; the two box losses are sums divided by the batch's number of target boxes averaged over
+processes. Every returned loss is already multiplied by its weight.
+"""
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from detectron2.config import CfgNode, configurable
+from detectron2.utils import comm
+from torch import Tensor, nn
+
+from d2_detr.layers.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from d2_detr.modeling.registry import DETR_CRITERION_REGISTRY, build_matcher
+
+__all__ = ["SetCriterion"]
+
+MatchIndices = Tuple[Tensor, Tensor]
+
+
+@DETR_CRITERION_REGISTRY.register()
+class SetCriterion(nn.Module):
+    """DETR's loss with optional deep supervision of the intermediate decoder layers.
+
+    ``forward`` returns ``(losses, metrics)``: ``losses`` holds exactly the weighted scalar terms to sum and
+    optimise (``loss_ce``, ``loss_bbox``, ``loss_giou`` for the last layer, plus ``loss_ce_i``, ``loss_bbox_i``,
+    ``loss_giou_i`` for auxiliary layer i when deep supervision is on); ``metrics`` holds detached,
+    logging-only values (``class_error``, ``cardinality_error``) of the last layer.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        eos_coef: float = 0.1,
+        class_weight: float = 1.0,
+        l1_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        deep_supervision: bool = True,
+    ):
+        """
+        Args:
+            num_classes: number K of foreground classes; index K of the class logits is "no object".
+            matcher: called as ``matcher(outputs, targets)`` for a list of B ``(pred_idx, tgt_idx)`` tuples;
+                if it has a ``match_layers(layer_outputs, targets)`` method, all layers are matched in one call.
+            eos_coef: cross-entropy weight of the "no object" class.
+            class_weight: weight of ``loss_ce``.
+            l1_weight: weight of ``loss_bbox``.
+            giou_weight: weight of ``loss_giou``.
+            deep_supervision: also compute the losses of ``outputs["aux_outputs"]``.
+        """
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.eos_coef = eos_coef
+        self.class_weight = class_weight
+        self.l1_weight = l1_weight
+        self.giou_weight = giou_weight
+        self.deep_supervision = deep_supervision
+        empty_weight = torch.ones(num_classes + 1)  # (K+1,)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
+        detr = cfg.MODEL.DETR
+        return {
+            "num_classes": detr.NUM_CLASSES,
+            "matcher": build_matcher(cfg),
+            "eos_coef": detr.NO_OBJECT_WEIGHT,
+            "class_weight": detr.CLASS_WEIGHT,
+            "l1_weight": detr.L1_WEIGHT,
+            "giou_weight": detr.GIOU_WEIGHT,
+            "deep_supervision": detr.DEEP_SUPERVISION,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, class_weight={self.class_weight}, "
+            f"l1_weight={self.l1_weight}, giou_weight={self.giou_weight}, deep_supervision={self.deep_supervision}"
+        )
+
+    def forward(
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """Compute the losses and metrics of a batch.
+
+        Args:
+            outputs: ``"pred_logits"`` (B, Q, K+1), ``"pred_boxes"`` (B, Q, 4) normalised cxcywh, and optionally
+                ``"aux_outputs"``: a list of dicts with the same two keys for the first L-1 decoder layers.
+            targets: B dicts with ``"labels"`` int64 (n_i,) and ``"boxes"`` (n_i, 4) normalised cxcywh.
+
+        Returns:
+            ``(losses, metrics)``: weighted scalar losses to optimise, and detached logging-only scalars.
+        """
+        layers: List[Mapping[str, Tensor]] = [outputs]
+        if self.deep_supervision:
+            layers += list(outputs.get("aux_outputs", ()))
+        layer_indices = self._match(layers, targets)
+
+        device = outputs["pred_logits"].device
+        tgt_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)  # (T,)
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)  # (T, 4)
+        num_boxes = self._num_boxes(tgt_labels.numel(), device)
+        sizes = [len(t["labels"]) for t in targets]
+
+        losses: Dict[str, Tensor] = {}
+        metrics: Dict[str, Tensor] = {}
+        for layer_id, (layer_outputs, indices) in enumerate(zip(layers, layer_indices)):
+            suffix = "" if layer_id == 0 else f"_{layer_id - 1}"
+            flat_indices = self._flatten_indices(indices, sizes, device)
+            layer_losses = self._layer_losses(layer_outputs, tgt_labels, tgt_boxes, flat_indices, num_boxes)
+            losses.update({k + suffix: v for k, v in layer_losses.items()})
+            if layer_id == 0:
+                metrics = self._metrics(layer_outputs, tgt_labels, flat_indices, sizes)
+        return losses, metrics
+
+    def _match(
+        self, layers: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]]
+    ) -> List[List[MatchIndices]]:
+        """Matches of every layer, in one call when the matcher supports it."""
+        match_layers = getattr(self.matcher, "match_layers", None)
+        if match_layers is not None:
+            return match_layers(layers, targets)
+        return [self.matcher(layer, targets) for layer in layers]
+
+    @staticmethod
+    def _num_boxes(local_count: int, device: torch.device) -> Tensor:
+        """Number of target boxes per process, averaged over processes and clamped to >= 1; a () tensor."""
+        num_boxes = torch.tensor(float(local_count), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num_boxes)
+        return (num_boxes / comm.get_world_size()).clamp(min=1)
+
+    @staticmethod
+    def _flatten_indices(
+        indices: Sequence[MatchIndices], sizes: Sequence[int], device: torch.device
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Turn per-image matches into ``(batch_idx, query_idx, target_idx)``, each int64 (M,) on ``device``.
+
+        ``target_idx`` indexes the concatenation of all images' targets.
+        """
+        offsets = [0]
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])  # (M,)
+        query_idx = torch.cat([src for src, _ in indices])  # (M,)
+        target_idx = torch.cat([tgt + offset for (_, tgt), offset in zip(indices, offsets)])  # (M,)
+        flat = torch.stack([batch_idx, query_idx, target_idx]).to(device=device, dtype=torch.int64)  # (3, M)
+        return flat[0], flat[1], flat[2]
+
+    def _layer_losses(
+        self,
+        outputs: Mapping[str, Tensor],
+        tgt_labels: Tensor,
+        tgt_boxes: Tensor,
+        flat_indices: Tuple[Tensor, Tensor, Tensor],
+        num_boxes: Tensor,
+    ) -> Dict[str, Tensor]:
+        """Weighted ``loss_ce``, ``loss_bbox`` and ``loss_giou`` of one layer, computed in float32."""
+        logits = outputs["pred_logits"].float()  # (B, Q, K+1)
+        boxes = outputs["pred_boxes"].float()  # (B, Q, 4)
+        batch_idx, query_idx, target_idx = flat_indices
+
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )  # (B, Q)
+        target_classes[batch_idx, query_idx] = tgt_labels[target_idx]
+        loss_ce = F.cross_entropy(
+            logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(dtype=logits.dtype)
+        )
+
+        src_boxes = boxes[batch_idx, query_idx]  # (M, 4)
+        matched_tgt_boxes = tgt_boxes[target_idx]  # (M, 4)
+        # Sums over M = 0 matches are zeros that stay attached to the graph, so backward works on empty batches.
+        loss_bbox = F.l1_loss(src_boxes, matched_tgt_boxes, reduction="none").sum() / num_boxes
+        giou = elementwise_generalized_box_iou(
+            box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(matched_tgt_boxes)
+        )  # (M,)
+        loss_giou = (1 - giou).sum() / num_boxes
+        return {
+            "loss_ce": self.class_weight * loss_ce,
+            "loss_bbox": self.l1_weight * loss_bbox,
+            "loss_giou": self.giou_weight * loss_giou,
+        }
+
+    @torch.no_grad()
+    def _metrics(
+        self,
+        outputs: Mapping[str, Tensor],
+        tgt_labels: Tensor,
+        flat_indices: Tuple[Tensor, Tensor, Tensor],
+        sizes: Sequence[int],
+    ) -> Dict[str, Tensor]:
+        """``class_error`` and ``cardinality_error`` of one layer, as detached () float tensors.
+
+        As in the original implementation, ``class_error`` is 100 when nothing is matched.
+        """
+        logits = outputs["pred_logits"].detach().float()  # (B, Q, K+1)
+        batch_idx, query_idx, target_idx = flat_indices
+        matched_logits = logits[batch_idx, query_idx]  # (M, K+1)
+        if matched_logits.shape[0] == 0:
+            accuracy = torch.zeros((), device=logits.device)
+        else:
+            correct = matched_logits.argmax(-1) == tgt_labels[target_idx]  # (M,)
+            accuracy = correct.float().mean() * 100
+        card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()  # (B,)
+        card_tgt = torch.tensor(sizes, dtype=torch.float32, device=logits.device)  # (B,)
+        return {"class_error": 100 - accuracy, "cardinality_error": F.l1_loss(card_pred, card_tgt)}

@@ -1,0 +1,38 @@
+"""Registries of DETR's swappable parts; each part registers itself in its own module.
+
+A config names the part (``MODEL.DETR.TRANSFORMER_NAME`` etc.) and the builder here constructs it with
+``cls(cfg)``, which every registered class supports through Detectron2's ``@configurable``.
+"""
+from detectron2.utils.registry import Registry
+
+DETR_POSITION_ENCODING_REGISTRY = Registry("DETR_POSITION_ENCODING")
+DETR_POSITION_ENCODING_REGISTRY.__doc__ = "Position encodings of a feature map; built with cls(cfg)."
+
+DETR_TRANSFORMER_REGISTRY = Registry("DETR_TRANSFORMER")
+DETR_TRANSFORMER_REGISTRY.__doc__ = "DETR encoder-decoders; built with cls(cfg)."
+
+DETR_MATCHER_REGISTRY = Registry("DETR_MATCHER")
+DETR_MATCHER_REGISTRY.__doc__ = "Matchers between predictions and targets; built with cls(cfg)."
+
+DETR_CRITERION_REGISTRY = Registry("DETR_CRITERION")
+DETR_CRITERION_REGISTRY.__doc__ = "Set criteria (losses); built with cls(cfg)."
+
+# Short names accepted by MODEL.DETR.POSITION_EMBEDDING besides registered class names.
+POSITION_ENCODING_ALIASES = {"sine": "PositionEmbeddingSine", "learned": "PositionEmbeddingLearned"}
+
+
+def build_position_encoding(cfg):
+    name = cfg.MODEL.DETR.POSITION_EMBEDDING
+    return DETR_POSITION_ENCODING_REGISTRY.get(POSITION_ENCODING_ALIASES.get(name, name))(cfg)
+
+
+def build_transformer(cfg):
+    return DETR_TRANSFORMER_REGISTRY.get(cfg.MODEL.DETR.TRANSFORMER_NAME)(cfg)
+
+
+def build_matcher(cfg):
+    return DETR_MATCHER_REGISTRY.get(cfg.MODEL.DETR.MATCHER_NAME)(cfg)
+
+
+def build_criterion(cfg):
+    return DETR_CRITERION_REGISTRY.get(cfg.MODEL.DETR.CRITERION_NAME)(cfg)
