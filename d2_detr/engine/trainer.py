@@ -17,6 +17,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DetrTrainer", "check_num_classes"]
 
+# Detectron2 v0.6's DefaultTrainer leaves the optimizer (and AMP grad scaler) out of its checkpoints, so
+# --resume restarted AdamW from scratch; later versions save them under "_trainer".
+_BASE_SAVES_TRAINER_STATE = "load_state_dict" in vars(DefaultTrainer)
+
 
 def check_num_classes(cfg) -> None:
     """Fail at start-up, not with a silently wrong head, when MODEL.DETR.NUM_CLASSES disagrees with the
@@ -31,6 +35,16 @@ def check_num_classes(cfg) -> None:
 
 class DetrTrainer(DefaultTrainer):
     """Trains and evaluates ``Detr`` with Detectron2's loop, hooks, checkpointer and writers."""
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret.setdefault("_trainer", self._trainer.state_dict())
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not _BASE_SAVES_TRAINER_STATE and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_model(cls, cfg):

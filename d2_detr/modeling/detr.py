@@ -100,9 +100,10 @@ class Detr(nn.Module):
         images = self.preprocess_image(batched_inputs)
         outputs = self.predict(images)
         if self.training:
+            storage = get_event_storage()
+            self.check_finite(outputs, storage.iter)
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
             losses, metrics = self.criterion(outputs, targets)
-            storage = get_event_storage()
             for name, value in metrics.items():
                 storage.put_scalar(name, float(value))
             return losses
@@ -131,6 +132,15 @@ class Detr(nn.Module):
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         outputs["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
         return outputs
+
+    @staticmethod
+    def check_finite(outputs: Dict, iteration: int) -> None:
+        """Stop training, naming the iteration, when predictions are NaN or infinite (the loss would be too)."""
+        tensors = [o[k] for o in (outputs, *outputs["aux_outputs"]) for k in ("pred_logits", "pred_boxes")]
+        if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            raise FloatingPointError(
+                f"Predictions became infinite or NaN at iteration={iteration}, so the loss would be too. "
+                "Check the inputs (MODEL.PIXEL_STD, images) or lower SOLVER.BASE_LR.")
 
     def prepare_targets(self, batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]) -> List[Dict]:
         """Ground truth as the criterion wants it: labels (n,) and boxes (n, 4), cxcywh normalised by the

@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Convert a torchvision ImageNet ResNet state dict to initial weights of d2_detr's backbone.
+
+    python tools/convert_torchvision_resnet.py --input resnet50-0676ba61.pth --output r50.pth
+    python tools/train_net.py --config-file configs/detr_r50.yaml MODEL.WEIGHTS r50.pth
+"""
+import argparse
+import logging
+import sys
+
+from d2_detr.checkpoint import (
+    convert_torchvision_resnet_state_dict,
+    load_state_dict_file,
+    resnet_depth,
+    save_converted_checkpoint,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="torchvision ResNet state dict (.pth)")
+    parser.add_argument("--output", required=True, help="converted checkpoint to write (.pth)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        converted = convert_torchvision_resnet_state_dict(load_state_dict_file(args.input))
+        save_converted_checkpoint(converted, args.output)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    depth = resnet_depth(converted)
+    config = f"configs/detr_r{depth}.yaml" if depth in (50, 101) else "CONFIG"
+    print(f"Wrote {args.output} (ResNet-{depth} backbone). Use it as MODEL.WEIGHTS with a ResNet-{depth} config:\n"
+          f"  python tools/train_net.py --config-file {config} MODEL.WEIGHTS {args.output}")
+
+
+if __name__ == "__main__":
+    main()
