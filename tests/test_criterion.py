@@ -209,3 +209,8 @@ def test_built_from_config():
     torch.testing.assert_close(criterion.empty_weight, torch.tensor([1.0] * 5 + [0.25]))
     assert criterion.deep_supervision is False
     assert (criterion.class_weight, criterion.l1_weight, criterion.giou_weight) == (1.0, 5.0, 2.0)
+
+
+def test_class_weights_are_not_checkpointed():
+    """empty_weight follows MODEL.DETR.NO_OBJECT_WEIGHT; a checkpoint must not override the config's value."""
+    assert "empty_weight" not in _criterion(eos_coef=0.3).state_dict()

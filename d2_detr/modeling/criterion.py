@@ -65,7 +65,7 @@ class SetCriterion(nn.Module):
         self.deep_supervision = deep_supervision
         empty_weight = torch.ones(num_classes + 1)  # (K+1,)
         empty_weight[-1] = eos_coef
-        self.register_buffer("empty_weight", empty_weight)
+        self.register_buffer("empty_weight", empty_weight, persistent=False)  # derived from the config
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
