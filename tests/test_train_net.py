@@ -113,15 +113,6 @@ def mixed_sizes_val(tmp_path_factory):
     return name
 
 
-def test_ap_does_not_depend_on_test_batch_size(trained, mixed_sizes_val, tmp_path):
-    """The trained tiny ResNet model on images of different sizes, one and four (padded) per batch."""
-    out, _ = trained
-    cfg = load_config(TINY_CONFIG, "DATASETS.TEST", (mixed_sizes_val,))
-    (ap1, pred1), (ap4, pred4) = (_evaluate(cfg, out / "model_final.pth", b, tmp_path / f"b{b}") for b in (1, 4))
-    assert ap1["AP"] == pytest.approx(ap4["AP"], abs=0.1)
-    assert len(pred1) == len(pred4) == 12 * 10
-
-
 def test_batched_evaluation_is_exact_with_pointwise_backbone(mixed_sizes_val, tmp_path):
     """With a backbone whose cells see only their own pixels, batching changes nothing at all: masks are
     applied at test time and the whole eval path (batched loader, padding, rescaling) is batch-invariant."""
