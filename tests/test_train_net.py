@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
 from d2_detr.data import register_synthetic_shapes
 from d2_detr.engine import DetrTrainer
@@ -90,15 +89,12 @@ def test_num_classes_mismatch_is_caught_at_start_up(tmp_path):
     assert "MODEL.DETR.NUM_CLASSES=7" in proc.stderr and "set MODEL.DETR.NUM_CLASSES 5" in proc.stderr
 
 
-def _evaluate(cfg, weights, batch_size, output_dir):
+def _evaluate(cfg, batch_size, output_dir):
+    """COCO results and predictions of a model freshly initialised with seed 0."""
     cfg = cfg.clone()
     cfg.merge_from_list(["TEST.IMS_PER_BATCH", batch_size, "OUTPUT_DIR", str(output_dir)])
+    torch.manual_seed(0)
     model = DetrTrainer.build_model(cfg)
-    if weights:
-        DetectionCheckpointer(model).load(str(weights))
-    else:
-        torch.manual_seed(0)
-        model = DetrTrainer.build_model(cfg)
     result = DetrTrainer.test(cfg, model)["bbox"]
     with open(output_dir / "inference" / cfg.DATASETS.TEST[0] / "coco_instances_results.json") as f:
         predictions = sorted(json.load(f), key=lambda p: p["image_id"])  # stable: query order kept
@@ -117,7 +113,7 @@ def test_batched_evaluation_is_exact_with_pointwise_backbone(mixed_sizes_val, tm
     """With a backbone whose cells see only their own pixels, batching changes nothing at all: masks are
     applied at test time and the whole eval path (batched loader, padding, rescaling) is batch-invariant."""
     cfg = load_config(TINY_CONFIG, *PATCH_BACKBONE_OPTS, "DATASETS.TEST", (mixed_sizes_val,), "INPUT.MIN_SIZE_TEST", 0)
-    (ap1, pred1), (ap4, pred4) = (_evaluate(cfg, None, b, tmp_path / f"b{b}") for b in (1, 4))
+    (ap1, pred1), (ap4, pred4) = (_evaluate(cfg, b, tmp_path / f"b{b}") for b in (1, 4))
     assert {k: v for k, v in ap1.items() if v == v} == {k: v for k, v in ap4.items() if v == v}  # NaN != NaN
     assert len(pred1) == len(pred4) == 12 * 10
     for a, b in zip(pred1, pred4):
