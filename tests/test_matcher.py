@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
+from scipy.optimize import linear_sum_assignment
 
 import d2_detr.modeling.matcher as matcher_module
 from d2_detr.config import add_detr_config
 from d2_detr.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from d2_detr.modeling.matcher import HungarianMatcher
+from d2_detr.modeling.matcher import HungarianMatcher, solve_assignments
 from d2_detr.modeling.registry import build_matcher
 
 
@@ -194,3 +195,37 @@ def test_built_from_config():
     matcher = build_matcher(cfg)
     assert isinstance(matcher, HungarianMatcher)
     assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (3.0, 4.0, 0.5)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_solve_assignments_equals_per_image_scipy_calls(ties):
+    """Batched solving (every layer and image of one host array) returns exactly what one
+    linear_sum_assignment call per (layer, image) block returns: also with empty images, more targets than
+    queries, and (integer costs from a tiny range) many equal-cost optima."""
+    rng = np.random.default_rng(11)
+    sizes = [3, 0, 7, 1, 0, 5]  # 5 queries: the image with 7 targets gets only 5 matches
+    num_layers, num_queries = 4, 5
+    shape = (num_layers, len(sizes), num_queries, sum(sizes))
+    cost = (rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)).astype(np.float32)
+    matches = solve_assignments(cost, sizes)
+    bounds = np.cumsum([0] + sizes)
+    assert len(matches) == num_layers
+    for layer in range(num_layers):
+        assert len(matches[layer]) == len(sizes)
+        for image, (pred_idx, tgt_idx) in enumerate(matches[layer]):
+            assert pred_idx.dtype == tgt_idx.dtype == torch.int64
+            block = cost[layer, image][:, bounds[image] : bounds[image + 1]]  # (Q, n_image)
+            expected_pred, expected_tgt = linear_sum_assignment(block)
+            assert pred_idx.tolist() == expected_pred.tolist() and tgt_idx.tolist() == expected_tgt.tolist()
+            assert len(pred_idx) == min(num_queries, sizes[image])
+    if ties:  # the tiny cost range does produce ties: several assignments reach the optimum
+        block = cost[0, 0][:, : sizes[0]]
+        optimum = block[linear_sum_assignment(block)].sum()
+        perms = itertools.permutations(range(num_queries), sizes[0])
+        assert sum(block[list(p), range(sizes[0])].sum() == optimum for p in perms) > 1
+
+
+def test_solve_assignments_without_targets():
+    cost = np.zeros((2, 3, 4, 0), dtype=np.float32)
+    matches = solve_assignments(cost, [0, 0, 0])
+    assert [[tuple(t.shape) for pair in layer for t in pair] for layer in matches] == [[(0,)] * 6] * 2

@@ -1,11 +1,13 @@
 """Tests of DETR's encoder-decoder transformer."""
+import math
+
 import pytest
 import torch
 from detectron2.config import get_cfg
 
 from d2_detr.config import add_detr_config
 from d2_detr.modeling.registry import build_transformer
-from d2_detr.modeling.transformer import DetrTransformer
+from d2_detr.modeling.transformer import DetrTransformer, FusedMultiheadAttention
 
 D, NHEAD, FF = 16, 2, 32
 B, H, W, Q = 2, 3, 4, 5
@@ -236,3 +238,76 @@ def test_build_from_config():
     cfg.MODEL.DETR.NHEADS = 5
     with pytest.raises(ValueError, match="divisible"):
         build_transformer(cfg)
+
+
+# ---------------------------------------------------------------- fused attention
+
+
+def _explicit_attention(attn: FusedMultiheadAttention, query, key, value, key_padding_mask=None):
+    """softmax(q k^T / sqrt(head_dim), padded keys excluded) v, written out with the attention weights."""
+    d, h = attn.embed_dim, attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    q, k, v = query @ w[:d].T + b[:d], key @ w[d : 2 * d].T + b[d : 2 * d], value @ w[2 * d :].T + b[2 * d :]
+
+    def heads(x):  # (N, B, d) -> (B, h, N, d / h)
+        return x.reshape(x.shape[0], x.shape[1], h, d // h).permute(1, 2, 0, 3)
+
+    logits = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d // h)  # (B, h, L, S)
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    out = logits.softmax(-1) @ heads(v)  # (B, h, L, d / h)
+    return attn.out_proj(out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], d))
+
+
+def _attention_inputs(self_attention: bool):
+    g = torch.Generator().manual_seed(2)
+    query = torch.randn(7, B, D, generator=g, requires_grad=True)
+    key = query if self_attention else torch.randn(11, B, D, generator=g, requires_grad=True)
+    value = torch.randn(key.shape[0], B, D, generator=g, requires_grad=True)
+    mask = torch.zeros(B, key.shape[0], dtype=torch.bool)
+    mask[0, -3:] = True  # image 0: its last 3 keys are padding
+    return query, key, value, mask
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_fused_attention_equals_explicit_softmax_attention(self_attention):
+    torch.manual_seed(0)
+    attn = FusedMultiheadAttention(D, NHEAD, dropout=0.3).eval()
+    inputs = _attention_inputs(self_attention)
+    fused = attn(*inputs[:3], key_padding_mask=inputs[3])
+    explicit = _explicit_attention(attn, *inputs)
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+
+    # Gradients too (training mode without dropout), with respect to the inputs and every parameter.
+    attn = FusedMultiheadAttention(D, NHEAD, dropout=0.0).train()
+    leaves = list(dict.fromkeys(inputs[:3])) + list(attn.parameters())  # query is key: once
+    grads_fused = torch.autograd.grad(attn(*inputs[:3], key_padding_mask=inputs[3]).square().sum(), leaves)
+    grads_explicit = torch.autograd.grad(_explicit_attention(attn, *inputs).square().sum(), leaves)
+    for got, expected in zip(grads_fused, grads_explicit):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_fused_attention_is_nn_multihead_attention(self_attention):
+    """Same parameters, initialisation (same seed, same values) and outputs as nn.MultiheadAttention."""
+    torch.manual_seed(3)
+    reference = torch.nn.MultiheadAttention(D, NHEAD, dropout=0.1).eval()
+    torch.manual_seed(3)
+    attn = FusedMultiheadAttention(D, NHEAD, dropout=0.1).eval()
+    assert list(attn.state_dict()) == list(reference.state_dict())
+    for name, value in reference.state_dict().items():
+        assert torch.equal(attn.state_dict()[name], value), name
+    query, key, value, mask = _attention_inputs(self_attention)
+    expected, weights = reference(query, key, value, key_padding_mask=mask)
+    torch.testing.assert_close(attn(query, key, value, key_padding_mask=mask), expected, rtol=1e-5, atol=1e-6)
+    assert weights[0, :, -3:].abs().max() == 0  # the reference masks image 0's padded keys too
+
+
+def test_transformer_never_computes_attention_weights_at_inference():
+    """At inference every attention goes through a fused kernel: no softmax, no batched matrix product."""
+    model = _small(return_intermediate_dec=True)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        model(*_inputs())
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::scaled_dot_product_attention" in ops
+    assert not ops & {"aten::softmax", "aten::_softmax", "aten::_safe_softmax", "aten::bmm", "aten::baddbmm"}, ops

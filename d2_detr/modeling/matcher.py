@@ -2,7 +2,7 @@
 
 The whole batch's cost matrix is computed on the model's device and copied to the host once per call
 (also when several decoder layers are matched together with :meth:`HungarianMatcher.match_layers`);
-``scipy.optimize.linear_sum_assignment`` then solves each image's block.
+:func:`solve_assignments` then solves each (layer, image) block with ``scipy.optimize.linear_sum_assignment``.
 """
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from d2_detr.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from d2_detr.modeling.registry import DETR_MATCHER_REGISTRY
 
-__all__ = ["HungarianMatcher"]
+__all__ = ["HungarianMatcher", "solve_assignments"]
 
 # One image's matching: (indices of the matched predictions, indices of the matched targets), int64, same length.
 MatchIndices = Tuple[Tensor, Tensor]
@@ -23,6 +23,38 @@ MatchIndices = Tuple[Tensor, Tensor]
 
 def _empty_match() -> MatchIndices:
     return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+
+
+def solve_assignments(cost: np.ndarray, sizes: Sequence[int]) -> List[List[MatchIndices]]:
+    """Optimal one-to-one assignments of every (set, image) block of a batched cost array.
+
+    Each block is solved by one ``linear_sum_assignment`` call on a view of ``cost`` (no copy); the results are
+    wrapped as tensors without copying either, so the only per-block Python work is that call.
+
+    Args:
+        cost: (L, B, Q, T) host array: cost of query q of image b in prediction set l against target t, the
+            targets of all images being concatenated (image b owns columns ``sum(sizes[:b])`` to
+            ``sum(sizes[:b + 1])``; the other columns of its rows are ignored).
+        sizes: the B images' target counts, summing to T.
+
+    Returns:
+        L lists of B ``(pred_idx, tgt_idx)`` int64 CPU tensors of length ``min(Q, sizes[b])``, ``pred_idx``
+        sorted, ``tgt_idx`` indexing image b's own targets; exactly what per-block calls of
+        ``linear_sum_assignment`` return.
+    """
+    bounds = np.cumsum([0, *sizes])  # (B + 1,)
+    matches: List[List[MatchIndices]] = []
+    for layer_cost in cost:  # (B, Q, T)
+        layer_matches: List[MatchIndices] = []
+        for image_cost, start, end in zip(layer_cost, bounds[:-1], bounds[1:]):  # (Q, T)
+            if start == end:
+                layer_matches.append(_empty_match())
+                continue
+            pred_idx, tgt_idx = linear_sum_assignment(image_cost[:, start:end])
+            layer_matches.append((torch.from_numpy(pred_idx.astype(np.int64, copy=False)),
+                                  torch.from_numpy(tgt_idx.astype(np.int64, copy=False))))
+        matches.append(layer_matches)
+    return matches
 
 
 @DETR_MATCHER_REGISTRY.register()
@@ -108,21 +140,7 @@ class HungarianMatcher(nn.Module):
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=boxes.device, dtype=torch.float32)  # (T, 4)
         cost = self._cost(logits.flatten(0, 2), boxes.flatten(0, 2), tgt_labels, tgt_boxes)  # (L*B*Q, T)
         cost = cost.view(num_layers, batch_size, num_queries, -1).cpu().numpy()  # the only device-to-host copy
-
-        bounds = np.cumsum([0] + sizes)
-        matches: List[List[MatchIndices]] = []
-        for layer_cost in cost:  # (B, Q, T)
-            layer_matches = []
-            for i, image_cost in enumerate(layer_cost):  # (Q, T)
-                if sizes[i] == 0:
-                    layer_matches.append(_empty_match())
-                    continue
-                pred_idx, tgt_idx = linear_sum_assignment(image_cost[:, bounds[i] : bounds[i + 1]])
-                layer_matches.append(
-                    (torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64))
-                )
-            matches.append(layer_matches)
-        return matches
+        return solve_assignments(cost, sizes)
 
     def _cost(self, logits: Tensor, boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """Float32 cost matrix (N, T) between N predictions (logits (N, K+1), boxes (N, 4)) and T targets."""

@@ -5,11 +5,17 @@ Layout: internally sequence-first, ``(S, B, d)``, as in the original implementat
 
 Positional encodings are added to queries and keys (never to values) at every attention layer; padded
 feature cells are excluded as keys through ``key_padding_mask``.
+
+Attention goes through :func:`torch.nn.functional.scaled_dot_product_attention` (:class:`FusedMultiheadAttention`):
+the attention weights are never returned, so PyTorch's fused kernels (flash / memory-efficient) compute the
+output without materialising them wherever the device supports the call (on CPU: whenever attention dropout
+is inactive, i.e. at inference or with ``dropout=0``).
 """
 import copy
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import Tensor, nn
 
@@ -17,6 +23,7 @@ from d2_detr.modeling.registry import DETR_TRANSFORMER_REGISTRY
 
 __all__ = [
     "DetrTransformer",
+    "FusedMultiheadAttention",
     "TransformerEncoder",
     "TransformerDecoder",
     "TransformerEncoderLayer",
@@ -28,6 +35,76 @@ __all__ = [
 def with_pos_embed(x: Tensor, pos: Optional[Tensor]) -> Tensor:
     """``x + pos``, or ``x`` when there is no positional encoding."""
     return x if pos is None else x + pos
+
+
+class FusedMultiheadAttention(nn.Module):
+    """Multi-head attention computed by ``F.scaled_dot_product_attention``; returns no attention weights.
+
+    Parameters, their names, shapes and initialisation (and so the random-number consumption) are those of
+    ``nn.MultiheadAttention(embed_dim, num_heads, dropout)``: ``in_proj_weight`` (3d, d) and ``in_proj_bias``
+    (3d,) stack the query, key and value projections, ``out_proj`` is the output projection. State dicts of
+    either module load into the other, so the original DETR checkpoint's attention keys load unchanged.
+    Inputs are sequence-first, as ``nn.MultiheadAttention``'s default.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        """
+        Args:
+            embed_dim: feature width d of queries, keys and values.
+            num_heads: attention heads (must divide ``embed_dim``).
+            dropout: dropout probability on the attention weights, in training mode only.
+        """
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """(N, B, d) -> (B, num_heads, N, head_dim), a view."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).permute(1, 2, 0, 3)
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        """
+        Args:
+            query: (L, B, d). When ``query is key`` (self-attention with q = k), both are projected by one
+                matrix product.
+            key: (S, B, d).
+            value: (S, B, d).
+            key_padding_mask: (B, S) bool, True on keys to ignore; every query must keep at least one key.
+
+        Returns:
+            (L, B, d) attention output.
+        """
+        d = self.embed_dim
+        if query is key:
+            q, k = F.linear(query, self.in_proj_weight[: 2 * d], self.in_proj_bias[: 2 * d]).chunk(2, dim=-1)
+        else:
+            q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d])  # (L, B, d)
+            k = F.linear(key, self.in_proj_weight[d : 2 * d], self.in_proj_bias[d : 2 * d])  # (S, B, d)
+        v = F.linear(value, self.in_proj_weight[2 * d :], self.in_proj_bias[2 * d :])  # (S, B, d)
+        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+        out = F.scaled_dot_product_attention(
+            self._split_heads(q),
+            self._split_heads(k),
+            self._split_heads(v),
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, num_heads, L, head_dim)
+        return self.out_proj(out.permute(2, 0, 1, 3).flatten(2))  # (L, B, d)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -50,7 +127,7 @@ class TransformerEncoderLayer(nn.Module):
             normalize_before: pre-norm (LayerNorm before each sub-layer) instead of post-norm.
         """
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -63,7 +140,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def _self_attention(self, x: Tensor, key_padding_mask: Optional[Tensor], pos: Optional[Tensor]) -> Tensor:
         q = k = with_pos_embed(x, pos)
-        return self.dropout1(self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=False)[0])
+        return self.dropout1(self.self_attn(q, k, x, key_padding_mask=key_padding_mask))
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
@@ -104,8 +181,8 @@ class TransformerDecoderLayer(nn.Module):
     ) -> None:
         """Arguments as in :class:`TransformerEncoderLayer`."""
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout=dropout)
+        self.multihead_attn = FusedMultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -120,7 +197,7 @@ class TransformerDecoderLayer(nn.Module):
 
     def _self_attention(self, x: Tensor, query_pos: Optional[Tensor]) -> Tensor:
         q = k = with_pos_embed(x, query_pos)
-        return self.dropout1(self.self_attn(q, k, x, need_weights=False)[0])
+        return self.dropout1(self.self_attn(q, k, x))
 
     def _cross_attention(
         self,
@@ -135,8 +212,7 @@ class TransformerDecoderLayer(nn.Module):
             with_pos_embed(memory, pos),
             memory,
             key_padding_mask=memory_key_padding_mask,
-            need_weights=False,
-        )[0]
+        )
         return self.dropout2(out)
 
     def _feed_forward(self, x: Tensor) -> Tensor:
@@ -307,12 +383,13 @@ class DetrTransformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(
-        self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor
+        self, src: Tensor, mask: Optional[Tensor], query_embed: Tensor, pos_embed: Tensor
     ) -> Tuple[Tensor, Tensor]:
         """
         Args:
             src: (B, d, H, W) projected backbone features.
-            mask: (B, H, W) bool, True on padded cells (excluded as attention keys).
+            mask: (B, H, W) bool, True on padded cells (excluded as attention keys); None when no cell is
+                padded (the attention kernels then skip masking altogether).
             query_embed: (Q, d) object query embeddings (the decoder's query positional encoding).
             pos_embed: (B, d, H, W) positional encoding of the feature map.
 
@@ -325,7 +402,7 @@ class DetrTransformer(nn.Module):
         src = src.flatten(2).permute(2, 0, 1)  # (HW, B, d)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)  # (HW, B, d)
         query_embed = query_embed.unsqueeze(1).repeat(1, batch_size, 1)  # (Q, B, d)
-        mask = mask.flatten(1)  # (B, HW)
+        mask = None if mask is None else mask.flatten(1)  # (B, HW)
 
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)  # (HW, B, d)
         tgt = torch.zeros_like(query_embed)  # (Q, B, d)
