@@ -22,6 +22,9 @@ setup(
         "pycocotools>=2.0.2",
         # detectron2 imports cv2 in its Visualizer (demo, quickstart pictures) but leaves it to the user.
         "opencv-python-headless",
+        # Detectron2's COCOPanopticEvaluator imports `panopticapi`, which is not on the registry under that
+        # name; panopticapi-lite provides the same `panopticapi` module (it requires numpy < 2).
+        "panopticapi-lite==0.2.0",
     ],
     extras_require={"dev": ["pytest"]},
 )

@@ -72,10 +72,45 @@ def add_detr_config(cfg: CN) -> None:
     # k > 0: keep the k best (query, class) pairs of each image instead.
     detr.TEST_TOPK = 0
 
+    # ---- speed (none of these changes the outputs beyond float rounding) ----
+    # Fold the backbone's frozen BatchNorms into the preceding convolutions' weights at every call.
+    detr.FOLD_FROZEN_BN = True
+    # Feed the backbone channels-last (NHWC) images: faster convolutions on CPU and on tensor-core GPUs.
+    detr.CHANNELS_LAST = True
+    # Compile the transformer with torch.compile (the first iterations, and new input shapes, compile).
+    detr.COMPILE_TRANSFORMER = False
+    # torch.compile backend used with COMPILE_TRANSFORMER ("inductor", "aot_eager", ...).
+    detr.COMPILE_BACKEND = "inductor"
+
     # ---- backbone ----
     # With MODEL.RESNETS.RES5_DILATION = 2 (DC5): keep dilation 1 in the first res5 block as torchvision
     # does (True, the original DETR) instead of dilating every block as Detectron2 does (False).
     detr.TORCHVISION_DILATION = True
+
+    # ---- segmentation (MODEL.MASK_ON: DETR's mask head; see d2_detr.modeling.segmentation) ----
+    # With FROZEN_WEIGHTS empty: still freeze everything but the mask head (the detector then comes from
+    # MODEL.WEIGHTS), for the paper's second training stage. FROZEN_WEIGHTS non-empty implies it.
+    detr.FREEZE_DETECTOR = False
+    # Registered name of the mask head (d2_detr.modeling.registry.DETR_MASK_HEAD_REGISTRY).
+    detr.MASK_HEAD_NAME = "DetrMaskHead"
+    # Backbone features the mask head's FPN adds in, coarse to fine; each must be in MODEL.RESNETS.OUT_FEATURES.
+    # The last one's stride (res2: 4) is the stride of the predicted masks.
+    detr.MASK_IN_FEATURES = ["res4", "res3", "res2"]
+    # Map concatenated with the attention maps at the head's input: "input_proj" (the original code: the
+    # projected backbone feature entering the encoder) or "memory" (the encoder output, as the paper's Fig. 8).
+    detr.MASK_HEAD_INPUT = "input_proj"
+    # Weight of the sigmoid focal loss (alpha 0.25, gamma 2) on matched masks (loss_mask).
+    detr.MASK_WEIGHT = 1.0
+    # Weight of the DICE loss on matched masks (loss_dice).
+    detr.DICE_WEIGHT = 1.0
+    # Inference also returns "panoptic_seg" (needs MODEL.MASK_ON; stuff classes are predicted as objects;
+    # which classes are stuff comes from the metadata of the first dataset in DATASETS.TRAIN, else TEST).
+    detr.PANOPTIC_ON = False
+    # Panoptic post-processing: queries whose best class is not "no object" with probability above this are kept.
+    detr.PANOPTIC_OBJECT_THRESHOLD = 0.85
+    # Panoptic post-processing: segments with fewer pixels (at output size) are dropped and their pixels
+    # re-assigned (the original drops areas <= 4).
+    detr.PANOPTIC_MIN_AREA = 5
 
     # ---- data ----
     # With INPUT.CROP.ENABLED: probability of the crop branch of DETR's augmentation (else plain resize).
@@ -97,3 +132,11 @@ def add_detr_config(cfg: CN) -> None:
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    # Gradient accumulation: micro-batches per optimizer step. SOLVER.IMS_PER_BATCH stays the images of one
+    # optimizer step (one iteration: one LR scheduler step, one gradient clipping) over all processes; each
+    # process runs ACCUMULATE_STEPS forward/backward passes of IMS_PER_BATCH / (ACCUMULATE_STEPS x processes)
+    # images, and DETR's loss is normalised over all of them, so the step equals one step on the whole batch.
+    cfg.SOLVER.ACCUMULATE_STEPS = 1
+    # With SOLVER.AMP.ENABLED: the autocast dtype. "float16" (with a gradient scaler), "bfloat16" (no scaler
+    # needed), or "auto": float16 on CUDA, bfloat16 on CPU. Matching and losses always run in float32.
+    cfg.SOLVER.AMP.DTYPE = "auto"

@@ -1,13 +1,19 @@
-"""The Detr meta-architecture: padding masks, outputs, losses, bad input."""
+"""The Detr meta-architecture: padding masks, outputs, losses, bad input, speed options."""
+import copy
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from d2_detr.layers.padding_mask import feature_padding_mask
+from d2_detr.modeling.detr import FoldedFrozenBNConv2d, fold_frozen_batchnorm
 from d2_detr.modeling.inference import select_predictions
 
-from .conftest import PATCH_BACKBONE_OPTS, TINY_CONFIG, load_config
+from .conftest import PATCH_BACKBONE_OPTS, REPO_DIR, TINY_CONFIG, load_config
 
 
 def patch_model(**overrides):
@@ -139,3 +145,132 @@ def test_loss_decreases_on_fixed_batch():
             optimizer.step()
             totals.append(loss.item())
     assert totals[-1] < 0.6 * totals[0], totals
+
+
+# ---------------------------------------------------------------- speed options: same numbers out
+
+
+def _randomize_frozen_bn_(model, seed=0, weight_scale=1.0):
+    """Non-trivial frozen statistics (a fresh FrozenBatchNorm2d is the identity, which would hide a wrong fold)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                n = module.weight.numel()
+                module.weight.copy_((torch.rand(n, generator=g) + 0.5) * weight_scale)
+                module.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_folded_frozen_bn_conv_equals_conv_then_norm(bias):
+    torch.manual_seed(0)
+    conv = Conv2d(6, 8, kernel_size=3, stride=2, padding=1, bias=bias, norm=FrozenBatchNorm2d(8), activation=F.relu)
+    _randomize_frozen_bn_(conv)
+    folded = copy.deepcopy(conv)
+    assert fold_frozen_batchnorm(folded) == 1 and type(folded) is FoldedFrozenBNConv2d
+    assert folded.state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(2, 6, 9, 11, requires_grad=True)
+    expected, got = conv(x), folded(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(expected.square().sum(), [x, *conv.parameters()])
+    folded_grads = torch.autograd.grad(got.square().sum(), [x, *folded.parameters()])
+    for g_folded, g_ref in zip(folded_grads, grads):
+        torch.testing.assert_close(g_folded, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def _training_batch():
+    return [{"image": _image(64, 96, 6), "instances": _instances(64, 96, [[4, 4, 40, 30], [50, 20, 90, 60]], [1, 3])},
+            {"image": _image(96, 64, 7), "instances": _instances(96, 64, [], [])}]
+
+
+def _tiny_pair(*fast_opts):
+    """The tiny DETR (ResNet with frozen BN) without the speed options, and with ``fast_opts``, same weights."""
+    plain_opts = ["MODEL.DETR.FOLD_FROZEN_BN", False, "MODEL.DETR.CHANNELS_LAST", False, "MODEL.DETR.DROPOUT", 0.0]
+    torch.manual_seed(0)
+    plain = build_model(load_config(TINY_CONFIG, *plain_opts))
+    _randomize_frozen_bn_(plain, weight_scale=0.3)  # features of moderate size: attention not saturated
+    fast = build_model(load_config(TINY_CONFIG, *plain_opts, *fast_opts))
+    fast.load_state_dict(plain.state_dict())
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    return plain, fast
+
+
+def test_speed_options_keep_outputs_losses_and_gradients():
+    plain, fast = _tiny_pair("MODEL.DETR.FOLD_FROZEN_BN", True, "MODEL.DETR.CHANNELS_LAST", True)
+    assert not any(isinstance(m, FoldedFrozenBNConv2d) for m in plain.modules())
+    assert sum(isinstance(m, FoldedFrozenBNConv2d) for m in fast.modules()) == 53  # every conv of the R-50 layout
+    images = [{"image": _image(64, 96, 1)}, {"image": _image(96, 128, 2)}]
+    with torch.no_grad():
+        expected, got = (m.eval().predict(m.preprocess_image(images)) for m in (plain, fast))
+    torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=1e-4)
+
+    with EventStorage():
+        losses = [m.train()(_training_batch()) for m in (plain, fast)]
+    for name in losses[0]:
+        torch.testing.assert_close(losses[1][name], losses[0][name], rtol=1e-5, atol=1e-5)
+    sum(losses[0].values()).backward()
+    sum(losses[1].values()).backward()
+    for (name, p_plain), p_fast in zip(plain.named_parameters(), fast.parameters()):
+        if p_plain.grad is not None:
+            scale = max(1.0, p_plain.grad.abs().max().item())
+            torch.testing.assert_close(p_fast.grad / scale, p_plain.grad / scale, rtol=0, atol=1e-4, msg=name)
+
+
+def test_compiled_transformer_gives_same_outputs():
+    """MODEL.DETR.COMPILE_TRANSFORMER (here with the quick "aot_eager" backend: graph capture and AOTAutograd,
+    no code generation): same outputs, losses and parameter names as the eager model."""
+    plain, compiled = _tiny_pair("MODEL.DETR.COMPILE_TRANSFORMER", True, "MODEL.DETR.COMPILE_BACKEND", "aot_eager")
+    assert compiled.transformer._compiled_call_impl is not None
+    images = [{"image": _image(64, 96, 1)}]
+    with torch.no_grad():
+        expected, got = (m.eval().predict(m.preprocess_image(images)) for m in (plain, compiled))
+    torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=1e-5)
+    with EventStorage():
+        losses = [m.train()(_training_batch()) for m in (plain, compiled)]
+    for name in losses[0]:
+        torch.testing.assert_close(losses[1][name], losses[0][name], rtol=1e-5, atol=1e-5)
+
+
+def test_inference_under_inference_mode():
+    model = patch_model().eval()
+    (out,) = model([{"image": _image(64, 96, 3)}])
+    assert out["instances"].scores.is_inference() and out["instances"].pred_boxes.tensor.is_inference()
+    with torch.no_grad():
+        raw = model.predict(model.preprocess_image([{"image": _image(64, 96, 3)}]))
+    assert not raw["pred_logits"].is_inference()  # predict() stays usable with autograd
+
+
+@pytest.mark.parametrize("config,stages,feature", [("detr_r50.yaml", ["res2", "res3", "res4", "res5"], "res5"),
+                                                    ("quickstart_cpu.yaml", ["res2", "res3", "res4"], "res4")])
+def test_backbone_computes_only_the_stages_detr_reads(config, stages, feature):
+    """No work for unused feature levels: the ResNet is built up to the stage DETR reads, and returns only it."""
+    cfg = load_config(os.path.join(REPO_DIR, "configs", config), "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "")
+    cfg.MODEL.DETR.NUM_OBJECT_QUERIES, cfg.MODEL.DETR.ENC_LAYERS, cfg.MODEL.DETR.DEC_LAYERS = 2, 1, 1
+    backbone = build_model(cfg).backbone
+    assert backbone.stage_names == tuple(stages) or list(backbone.stage_names) == stages
+    assert list(backbone.output_shape()) == [feature]
+    with torch.no_grad():
+        assert list(backbone(torch.zeros(1, 3, 64, 64))) == [feature]
+
+
+def test_attention_mask_only_when_a_cell_is_padded():
+    """Unpadded batches skip attention masking (mask None); the result equals masking with an all-False mask."""
+    model = patch_model().eval()
+    seen = []
+    model.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[1]))
+    same_size = model.preprocess_image([{"image": _image(64, 96, 1)}, {"image": _image(64, 96, 2)}])
+    padded = model.preprocess_image([{"image": _image(64, 96, 1)}, {"image": _image(96, 128, 2)}])
+    with torch.no_grad():
+        unmasked = model.predict(same_size)
+        model.predict(padded)
+        features = model.input_proj(model.backbone(same_size.tensor)["patches"])
+        mask = torch.zeros(2, *features.shape[-2:], dtype=torch.bool)
+        hs, _ = model.transformer(features, mask, model.query_embed.weight, model.position_encoding(mask))
+    assert seen[0] is None
+    assert torch.equal(seen[1], feature_padding_mask(padded.image_sizes, (3, 4), 32, torch.device("cpu")))
+    assert seen[1].any()
+    torch.testing.assert_close(model.class_embed(hs[-1]), unmasked["pred_logits"], rtol=0, atol=1e-6)

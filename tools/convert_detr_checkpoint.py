@@ -5,7 +5,8 @@
     python tools/train_net.py --config-file configs/detr_r50.yaml --eval-only MODEL.WEIGHTS model.pth
 
 The COCO class head (92 rows indexed by COCO category id) becomes Detectron2's 80 contiguous classes +
-"no object"; ``--keep-class-head`` keeps it (and any other head) as it is.
+"no object" (a panoptic DETRsegm head of 251 rows: its 133 panoptic classes + "no object", and the mask head
+is kept); ``--keep-class-head`` keeps it (and any other head) as it is.
 """
 import argparse
 import logging
@@ -34,6 +35,8 @@ def main() -> None:
     num_classes = converted["class_embed.weight"].shape[0] - 1
     depth = resnet_depth(converted)
     config = f"configs/detr_r{depth}.yaml" if depth in (50, 101) else "CONFIG"
+    if any(k.startswith("mask_head.") for k in converted):  # a DETRsegm checkpoint: panoptic as released
+        config = "configs/detr_r50_panoptic.yaml" if depth == 50 else "CONFIG (MODEL.MASK_ON True)"
     print(f"Wrote {args.output} (ResNet-{depth} backbone, {num_classes} classes). Use it as MODEL.WEIGHTS "
           "(for a DC5 checkpoint, with the *_dc5.yaml config):\n"
           f"  python tools/train_net.py --config-file {config} --eval-only "

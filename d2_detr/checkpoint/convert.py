@@ -15,12 +15,18 @@ Name mapping of the ResNet (torchvision -> Detectron2; ``i`` in 1..4, ``B`` the 
 
 BatchNorm's four tensors load as they are into Detectron2's ``FrozenBatchNorm2d`` (same buffers, same eps);
 ``num_batches_tracked`` has no counterpart there and is dropped.
+
+Segmentation (``DETRsegm``, e.g. the panoptic models) checkpoints hold the detector under ``detr.`` and the mask
+head as ``bbox_attention.*`` and ``mask_head.*``; they become ``Detr``'s names with the mask head under
+``mask_head.`` (``bbox_attention.*`` -> ``mask_head.bbox_attention.*``). Their 251-row panoptic class head
+(indexed by COCO panoptic category id, row 250 "no object") maps to Detectron2's 133 contiguous panoptic
+classes + "no object".
 """
 import argparse
 import logging
 import os
 import re
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
@@ -29,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "COCO_NO_OBJECT_ROW",
+    "COCO_PANOPTIC_NO_OBJECT_ROW",
     "coco_class_head_rows",
+    "coco_panoptic_class_head_rows",
     "convert_detr_state_dict",
     "convert_torchvision_resnet_state_dict",
     "load_state_dict_file",
@@ -40,6 +48,11 @@ __all__ = [
 # Row of the original COCO class head that scores "no object" (rows 1..90 are COCO category ids).
 COCO_NO_OBJECT_ROW = 91
 _COCO_HEAD_ROWS = COCO_NO_OBJECT_ROW + 1
+# Row of the original COCO panoptic class head (num_classes 250) that scores "no object".
+COCO_PANOPTIC_NO_OBJECT_ROW = 250
+_COCO_PANOPTIC_HEAD_ROWS = COCO_PANOPTIC_NO_OBJECT_ROW + 1
+_SEGM_DETR_PREFIX = "detr."
+_SEGM_MASK_PREFIXES = ("bbox_attention.", "mask_head.")
 
 _DETR_BACKBONE_PREFIX = "backbone.0.body."
 # The original Joiner's position embedding (``backbone.1``) has parameters only when "learned".
@@ -130,16 +143,40 @@ def coco_class_head_rows() -> List[int]:
     return [c["id"] for c in COCO_CATEGORIES if c["isthing"]] + [COCO_NO_OBJECT_ROW]
 
 
+def coco_panoptic_class_head_rows() -> List[int]:
+    """Rows of the original 251-row COCO panoptic class head, in the order of d2_detr's COCO panoptic head:
+    the COCO category ids of ``COCO_CATEGORIES`` (Detectron2's 133 contiguous panoptic classes, things and stuff),
+    then the "no object" row."""
+    return [c["id"] for c in COCO_CATEGORIES] + [COCO_PANOPTIC_NO_OBJECT_ROW]
+
+
+def _split_segm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict, Dict]:
+    """A DETRsegm state dict -> (the detector's state dict without ``detr.``, the mask head in d2_detr's names).
+    Other keys stay in the detector's dict, to be reported as unknown there."""
+    detector: Dict[str, torch.Tensor] = {}
+    mask_head: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(_SEGM_DETR_PREFIX):
+            detector[key[len(_SEGM_DETR_PREFIX):]] = value
+        elif key.startswith(_SEGM_MASK_PREFIXES):
+            mask_head[key if key.startswith("mask_head.") else "mask_head." + key] = value
+        else:
+            detector[key] = value
+    return detector, mask_head
+
+
 def convert_detr_state_dict(
     state_dict: Mapping[str, torch.Tensor], coco_class_head: Optional[bool] = None
 ) -> Dict[str, torch.Tensor]:
     """An original DETR model state dict (facebookresearch/detr) in d2_detr's ``Detr`` names.
 
     Args:
-        state_dict: the original model's ``state_dict()`` (the ``"model"`` entry of its checkpoint).
+        state_dict: the original model's ``state_dict()`` (the ``"model"`` entry of its checkpoint); a DETRsegm
+            one (keys under ``detr.``) also gives the mask head's tensors.
         coco_class_head: map the COCO class head (92 rows indexed by COCO category id, row 91 "no object")
-            to Detectron2's 80 contiguous COCO classes + "no object". None (default): do so iff the head
-            has 92 rows; False: keep the head as it is (then MODEL.DETR.NUM_CLASSES = rows - 1).
+            to Detectron2's 80 contiguous COCO classes + "no object", or the COCO panoptic head (251 rows,
+            row 250 "no object") to its 133 panoptic classes + "no object". None (default): do so iff the head
+            has 92 or 251 rows; False: keep the head as it is (then MODEL.DETR.NUM_CLASSES = rows - 1).
 
     Returns:
         The converted state dict (the same tensors, renamed; class head rows selected).
@@ -148,10 +185,12 @@ def convert_detr_state_dict(
         ValueError: if ``state_dict`` does not look like an original DETR state dict, has keys with no
             counterpart in ``Detr``, or ``coco_class_head`` is True for a head that does not have 92 rows.
     """
+    mask_head: Dict[str, torch.Tensor] = {}
+    if isinstance(state_dict, Mapping) and any(str(k).startswith(_SEGM_DETR_PREFIX) for k in state_dict):
+        state_dict, mask_head = _split_segm_state_dict(state_dict)
+        logger.info("DETRsegm checkpoint: %d mask head tensors -> mask_head.*", len(mask_head))
     hint = ""
-    if isinstance(state_dict, Mapping) and any(str(k).startswith("detr.") for k in state_dict):
-        hint = " Keys under 'detr.' come from a DETRsegm (segmentation/panoptic) checkpoint, which is not supported."
-    elif isinstance(state_dict, Mapping) and "model" in state_dict:
+    if isinstance(state_dict, Mapping) and "model" in state_dict:
         hint = " Pass the checkpoint's 'model' entry, not the whole checkpoint."
     _check_keys(state_dict, _DETR_REQUIRED_KEYS, "an original DETR model state dict", hint)
 
@@ -181,21 +220,23 @@ def convert_detr_state_dict(
 
     rows = converted["class_embed.weight"].shape[0]
     if coco_class_head is None:
-        coco_class_head = rows == _COCO_HEAD_ROWS
+        coco_class_head = rows in (_COCO_HEAD_ROWS, _COCO_PANOPTIC_HEAD_ROWS)
     if coco_class_head:
-        if rows != _COCO_HEAD_ROWS:
-            raise ValueError(f"coco_class_head=True needs the original COCO class head of {_COCO_HEAD_ROWS} rows, "
-                             f"got {rows} rows")
-        index = torch.as_tensor(coco_class_head_rows())
+        if rows not in (_COCO_HEAD_ROWS, _COCO_PANOPTIC_HEAD_ROWS):
+            raise ValueError(f"coco_class_head=True needs the original COCO class head of {_COCO_HEAD_ROWS} rows "
+                             f"(or the panoptic one of {_COCO_PANOPTIC_HEAD_ROWS}), got {rows} rows")
+        panoptic = rows == _COCO_PANOPTIC_HEAD_ROWS
+        index = torch.as_tensor(coco_panoptic_class_head_rows() if panoptic else coco_class_head_rows())
         for name in ("class_embed.weight", "class_embed.bias"):
             converted[name] = converted[name].index_select(0, index.to(converted[name].device))
         logger.info(
-            "Class head: %d rows indexed by COCO category id -> %d (Detectron2's contiguous COCO classes, then "
+            "Class head: %d rows indexed by COCO category id -> %d (Detectron2's contiguous COCO %sclasses, then "
             "'no object' from row %d); use MODEL.DETR.NUM_CLASSES %d",
-            rows, len(index), COCO_NO_OBJECT_ROW, len(index) - 1,
+            rows, len(index), "panoptic " if panoptic else "", index[-1].item(), len(index) - 1,
         )
     else:
         logger.info("Class head kept: %d rows; use MODEL.DETR.NUM_CLASSES %d", rows, rows - 1)
+    converted.update(mask_head)
     return converted
 
 

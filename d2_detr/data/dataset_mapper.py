@@ -1,13 +1,17 @@
 """DETR's dataset mapper: Detectron2 dataset dicts -> model inputs, with DETR's augmentation."""
 import copy
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import Instances
+
+from .masks import check_polygon_cropping, rasterize_polygons
+from .panoptic import panoptic_annotations_to_instances
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +43,9 @@ def build_detr_augmentation(cfg, is_train: bool):
 class DetrDatasetMapper:
     """Reads the image, applies DETR's augmentation, and builds ``Instances`` of the annotations.
 
-    Crowd annotations are dropped; masks are kept only when ``mask_on``. Boxes that end up empty
-    (zero width or height, or cropped away) are removed. Grayscale and RGBA images are converted to
+    Crowd annotations are dropped; masks are kept only when ``mask_on`` (polygons are rasterised before
+    augmentation when ``mask_format`` is "bitmask"). Boxes that end up empty (zero width or height, or
+    cropped away) are removed. Grayscale and RGBA images are converted to
     ``image_format`` by Detectron2's ``read_image``.
     """
 
@@ -63,6 +68,7 @@ class DetrDatasetMapper:
         self.image_format = image_format
         self.mask_on = mask_on
         self.mask_format = mask_format
+        check_polygon_cropping(mask_on and is_train, mask_format, crop_augmentations is not None)
         mode = "training" if is_train else "inference"
         logger.info(f"DETR augmentation for {mode}: {augmentations}; crop branch: {crop_augmentations}")
 
@@ -94,18 +100,32 @@ class DetrDatasetMapper:
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
+        dataset_dict["instances"] = self.annotations_to_instances(dataset_dict, transforms, image_shape)
+        return dataset_dict
+
+    def annotations_to_instances(
+        self, dataset_dict: Dict, transforms: T.TransformList, image_shape: Tuple[int, int]
+    ) -> Instances:
+        """Ground truth of a training image: its non-crowd ``annotations`` (popped from ``dataset_dict``)
+        transformed like the image (now of size ``image_shape``), as Instances without empty ones; for a
+        panoptic dataset dict, its segments (d2_detr.data.panoptic)."""
+        if "pan_seg_file_name" in dataset_dict:
+            return panoptic_annotations_to_instances(dataset_dict, transforms, image_shape)
+        original_shape = (dataset_dict["height"], dataset_dict["width"])  # set by check_image_size
         annos = [
-            utils.transform_instance_annotations(self._strip(obj), transforms, image_shape)
+            utils.transform_instance_annotations(self._strip(obj, original_shape), transforms, image_shape)
             for obj in dataset_dict.pop("annotations", [])
             if obj.get("iscrowd", 0) == 0
         ]
         instances = utils.annotations_to_instances(annos, image_shape, mask_format=self.mask_format)
-        dataset_dict["instances"] = utils.filter_empty_instances(instances)
-        return dataset_dict
+        return utils.filter_empty_instances(instances)
 
-    def _strip(self, obj: Dict) -> Dict:
-        """Drop what the model does not use, so it is not transformed for nothing."""
+    def _strip(self, obj: Dict, original_shape: Tuple[int, int]) -> Dict:
+        """Drop what the model does not use, so it is not transformed for nothing; rasterise polygons for
+        bitmask masks."""
         obj.pop("keypoints", None)
         if not self.mask_on:
             obj.pop("segmentation", None)
+        elif self.mask_format == "bitmask":
+            rasterize_polygons(obj, *original_shape)
         return obj

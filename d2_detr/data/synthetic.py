@@ -28,6 +28,7 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -60,6 +61,7 @@ __all__ = [
     "register_synthetic_shapes",
     "register_builtin_synthetic",
     "is_synthetic_dataset",
+    "track_synthetic_dataset",
     "ensure_generated",
     "ensure_all_generated",
     "default_root",
@@ -422,12 +424,18 @@ def _exclusive(lock_path: str) -> Iterator[None]:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def generate_synthetic_shapes(dataset_dir: str, config: SyntheticShapesConfig) -> str:
+def generate_synthetic_shapes(
+    dataset_dir: str,
+    config: SyntheticShapesConfig,
+    writer: Optional[Callable[[str, SyntheticShapesConfig], int]] = None,
+) -> str:
     """Make sure ``dataset_dir`` holds the dataset described by ``config``; return its ``annotations.json``.
 
     Does nothing if the directory already holds it (same parameters). Otherwise the dataset is drawn into a
     temporary sibling directory that then replaces ``dataset_dir``, under a lock so concurrent callers
-    generate it once. Temporary directories left by interrupted runs are removed.
+    generate it once. Temporary directories left by interrupted runs are removed. ``writer(dir, config)``
+    (default: the detection dataset's) fills the temporary directory, ``params.json`` last, and returns the
+    number of annotations (variants such as the panoptic one bring their own).
     """
     dataset_dir = os.path.abspath(dataset_dir)
     json_file = os.path.join(dataset_dir, ANNOTATIONS_FILE)
@@ -446,7 +454,7 @@ def generate_synthetic_shapes(dataset_dir: str, config: SyntheticShapesConfig) -
         start = time.perf_counter()
         tmp_dir = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
         try:
-            num_annotations = _write_dataset(tmp_dir, config)
+            num_annotations = (writer or _write_dataset)(tmp_dir, config)
             if os.path.lexists(dataset_dir):
                 stale = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
                 os.replace(dataset_dir, os.path.join(stale, base))
@@ -469,7 +477,8 @@ def generate_synthetic_shapes(dataset_dir: str, config: SyntheticShapesConfig) -
 # Detectron2 registration
 # ---------------------------------------------------------------------------------------------------------------
 
-_REGISTERED: Dict[str, Tuple[str, SyntheticShapesConfig]] = {}
+# Name -> a call generating the dataset's files if needed and returning its json_file.
+_REGISTERED: Dict[str, Callable[[], str]] = {}
 
 #: Names registered by :func:`register_builtin_synthetic` and their configs.
 BUILTIN_SYNTHETIC_DATASETS: Dict[str, SyntheticShapesConfig] = {
@@ -522,7 +531,7 @@ def register_synthetic_shapes(
         image_root=image_root,
         evaluator_type="coco",
     )
-    _REGISTERED[name] = (dataset_dir, config)
+    track_synthetic_dataset(name, functools.partial(generate_synthetic_shapes, dataset_dir, config))
 
 
 def register_builtin_synthetic(root: Optional[str] = None) -> None:
@@ -543,6 +552,12 @@ def register_builtin_synthetic(root: Optional[str] = None) -> None:
         )
 
 
+def track_synthetic_dataset(name: str, generate: Callable[[], str]) -> None:
+    """Make ``generate`` (generating the files of the registered dataset ``name`` if needed, returning its
+    json file) what :func:`ensure_generated` calls for ``name``; for variants registered elsewhere."""
+    _REGISTERED[name] = generate
+
+
 def is_synthetic_dataset(name: str) -> bool:
     """Whether ``name`` was registered by :func:`register_synthetic_shapes`."""
     return name in _REGISTERED
@@ -556,8 +571,7 @@ def ensure_generated(name: str) -> str:
     """
     if name not in _REGISTERED:
         raise KeyError(f"{name!r} is not a registered synthetic dataset; registered: {sorted(_REGISTERED)}")
-    dataset_dir, config = _REGISTERED[name]
-    return generate_synthetic_shapes(dataset_dir, config)
+    return _REGISTERED[name]()
 
 
 def ensure_all_generated(names: Iterable[str]) -> None:

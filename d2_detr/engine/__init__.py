@@ -1,5 +1,20 @@
 """Training and evaluation on Detectron2's engine."""
+from .checkpointer import AtomicDetectionCheckpointer, atomic_write
+from .launch import launch
 from .optimizer import build_detr_optimizer, with_full_model_gradient_clipping
-from .trainer import DetrTrainer, check_num_classes
+from .train_loop import AccumulatingTrainer, amp_dtype, create_ddp_model
+from .trainer import DetrTrainer, check_num_classes, micro_batch_size
 
-__all__ = ["DetrTrainer", "build_detr_optimizer", "check_num_classes", "with_full_model_gradient_clipping"]
+__all__ = [
+    "AccumulatingTrainer",
+    "AtomicDetectionCheckpointer",
+    "DetrTrainer",
+    "amp_dtype",
+    "atomic_write",
+    "build_detr_optimizer",
+    "check_num_classes",
+    "create_ddp_model",
+    "launch",
+    "micro_batch_size",
+    "with_full_model_gradient_clipping",
+]

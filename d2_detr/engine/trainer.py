@@ -1,21 +1,28 @@
-"""``DetrTrainer``: Detectron2's ``DefaultTrainer`` with DETR's data, optimizer and evaluation."""
+"""``DetrTrainer``: Detectron2's ``DefaultTrainer`` with DETR's data, optimizer and evaluation, gradient
+accumulation, mixed precision on CUDA and CPU, DDP on CPU too, and atomic checkpoints."""
 import logging
 import os
+import weakref
 
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
-from detectron2.evaluation import COCOEvaluator
+from detectron2.engine import DefaultTrainer, TrainerBase
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator
 from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..data.build import build_batched_test_loader
 from ..data.dataset_mapper import DetrDatasetMapper
 from ..data.synthetic import ensure_all_generated
 from ..env import detectron2_has_compiled_ops
+from .checkpointer import AtomicDetectionCheckpointer
 from .optimizer import build_detr_optimizer
+from .train_loop import AccumulatingTrainer, amp_dtype, create_ddp_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetrTrainer", "check_num_classes"]
+__all__ = ["DetrTrainer", "check_num_classes", "micro_batch_size"]
 
 # Detectron2 v0.6's DefaultTrainer leaves the optimizer (and AMP grad scaler) out of its checkpoints, so
 # --resume restarted AdamW from scratch; later versions save them under "_trainer".
@@ -33,8 +40,51 @@ def check_num_classes(cfg) -> None:
                 f"{len(classes)} thing_classes; set MODEL.DETR.NUM_CLASSES {len(classes)}.")
 
 
+def micro_batch_size(cfg: CfgNode) -> int:
+    """Images of one forward/backward pass summed over processes: ``SOLVER.IMS_PER_BATCH`` (the images of one
+    optimizer step) / ``SOLVER.ACCUMULATE_STEPS``. Each process gets this / world size."""
+    total, steps, world = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ACCUMULATE_STEPS, comm.get_world_size()
+    if steps < 1 or total % (steps * world):
+        raise ValueError(f"SOLVER.IMS_PER_BATCH={total} must be a multiple of SOLVER.ACCUMULATE_STEPS={steps} "
+                         f"x {world} processes")
+    return total // steps
+
+
 class DetrTrainer(DefaultTrainer):
-    """Trains and evaluates ``Detr`` with Detectron2's loop, hooks, checkpointer and writers."""
+    """Trains and evaluates ``Detr`` with Detectron2's loop, hooks, checkpointer and writers.
+
+    Differences from ``DefaultTrainer``'s set-up: each iteration is one :class:`AccumulatingTrainer` step
+    (``SOLVER.ACCUMULATE_STEPS`` micro-batches; autocast to ``SOLVER.AMP.DTYPE`` with ``SOLVER.AMP.ENABLED``),
+    CPU models get DistributedDataParallel as well, checkpoints are written atomically, and the optimizer
+    state is checkpointed (under "_trainer").
+    """
+
+    def __init__(self, cfg: CfgNode):
+        """``DefaultTrainer.__init__`` with the differences above."""
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called for d2
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        device_type = next(model.parameters()).device.type
+        dtype = amp_dtype(cfg.SOLVER.AMP.DTYPE, device_type) if cfg.SOLVER.AMP.ENABLED else None
+        model = create_ddp_model(model)
+        self._trainer = AccumulatingTrainer(model, data_loader, optimizer,
+                                            accumulate_steps=cfg.SOLVER.ACCUMULATE_STEPS, amp_dtype=dtype)
+        micro = micro_batch_size(cfg) // comm.get_world_size()
+        logger.info(f"{cfg.SOLVER.IMS_PER_BATCH} images per iteration (optimizer step) = {comm.get_world_size()} "
+                    f"processes x {cfg.SOLVER.ACCUMULATE_STEPS} accumulated micro-batches x {micro} images; "
+                    f"mixed precision: {dtype or 'off'}")
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def state_dict(self):
         ret = super().state_dict()
@@ -61,7 +111,9 @@ class DetrTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+        """Micro-batches of ``micro_batch_size(cfg) / world size`` images per process."""
+        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True),
+                                            total_batch_size=micro_batch_size(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -70,7 +122,18 @@ class DetrTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        ensure_all_generated([dataset_name])  # COCOEvaluator opens the dataset's json_file
+        """By the dataset's ``evaluator_type``: "coco_panoptic_seg" -> ``COCOPanopticEvaluator`` (PQ; with
+        MODEL.MASK_ON and MODEL.DETR.PANOPTIC_ON, else no evaluation: the box stage of panoptic training), otherwise
+        ``COCOEvaluator`` (bbox, and segm with MODEL.MASK_ON)."""
+        ensure_all_generated([dataset_name])  # the evaluators open the dataset's json files
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder,
+        if MetadataCatalog.get(dataset_name).get("evaluator_type") == "coco_panoptic_seg":
+            if not (cfg.MODEL.MASK_ON and cfg.MODEL.DETR.PANOPTIC_ON):
+                message = (f"{dataset_name!r} is evaluated by panoptic quality only, which needs MODEL.MASK_ON True "
+                           "and MODEL.DETR.PANOPTIC_ON True; not evaluated")
+                logger.warning(message)
+                raise NotImplementedError(message)  # DefaultTrainer.test skips the dataset
+            return COCOPanopticEvaluator(dataset_name, output_dir=output_folder)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
                              use_fast_impl=detectron2_has_compiled_ops())

@@ -1,13 +1,15 @@
 """DETR's model parts, each registered so that a config can swap it."""
-from . import backbone, criterion, matcher, transformer  # noqa: F401  (registration)
+from . import backbone, criterion, mask_losses, matcher, segmentation, transformer  # noqa: F401  (registration)
 from ..layers import position_encoding  # noqa: F401  (registration)
 from .detr import Detr
 from .registry import (
     DETR_CRITERION_REGISTRY,
+    DETR_MASK_HEAD_REGISTRY,
     DETR_MATCHER_REGISTRY,
     DETR_POSITION_ENCODING_REGISTRY,
     DETR_TRANSFORMER_REGISTRY,
     build_criterion,
+    build_mask_head,
     build_matcher,
     build_position_encoding,
     build_transformer,
@@ -16,10 +18,12 @@ from .registry import (
 __all__ = [
     "Detr",
     "DETR_CRITERION_REGISTRY",
+    "DETR_MASK_HEAD_REGISTRY",
     "DETR_MATCHER_REGISTRY",
     "DETR_POSITION_ENCODING_REGISTRY",
     "DETR_TRANSFORMER_REGISTRY",
     "build_criterion",
+    "build_mask_head",
     "build_matcher",
     "build_position_encoding",
     "build_transformer",

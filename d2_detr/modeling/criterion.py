@@ -4,9 +4,16 @@ For each supervised decoder layer the predictions are matched to the targets, th
 ``loss_ce`` (cross-entropy over all queries, unmatched ones labelled "no object", whose class weight is
 ``eos_coef``), ``loss_bbox`` (L1 on matched normalised cxcywh boxes) and ``loss_giou`` (1 - GIoU of matched
 boxes) are computed; the two box losses are sums divided by the batch's number of target boxes averaged over
-processes. Every returned loss is already multiplied by its weight.
+processes, and ``loss_ce`` is the class-weighted sum divided by the batch's sum of class weights averaged over
+processes (in one process: the weighted mean of ``F.cross_entropy``). Every returned loss is already
+multiplied by its weight.
+
+Both normalisers count the whole batch of an optimisation step, so that the gradient, once averaged over
+processes by DistributedDataParallel, does not depend on how the batch is split between processes; within
+:meth:`SetCriterion.normalize_over` they also count the step's other accumulated micro-batches.
 """
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -66,6 +73,7 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)  # (K+1,)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)  # derived from the config
+        self._step_num_targets: Optional[List[int]] = None  # set by normalize_over
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
@@ -86,10 +94,23 @@ class SetCriterion(nn.Module):
             f"l1_weight={self.l1_weight}, giou_weight={self.giou_weight}, deep_supervision={self.deep_supervision}"
         )
 
+    @contextmanager
+    def normalize_over(self, num_targets: Sequence[int]) -> Iterator[None]:
+        """Normalise the losses of every batch passed in this context as if it were part of one batch made
+        of images with ``num_targets`` target boxes (one count per image: all the micro-batches that this
+        process accumulates into one optimisation step). Summed over those micro-batches, the losses and
+        their gradients then equal those of one forward pass on all of them."""
+        previous = self._step_num_targets
+        self._step_num_targets = list(num_targets)
+        try:
+            yield
+        finally:
+            self._step_num_targets = previous
+
     def forward(
         self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-        """Compute the losses and metrics of a batch.
+        """Compute the losses and metrics of a batch, in float32 also inside an autocast region.
 
         Args:
             outputs: ``"pred_logits"`` (B, Q, K+1), ``"pred_boxes"`` (B, Q, 4) normalised cxcywh, and optionally
@@ -99,6 +120,14 @@ class SetCriterion(nn.Module):
         Returns:
             ``(losses, metrics)``: weighted scalar losses to optimise, and detached logging-only scalars.
         """
+        # Mixed precision: the matching costs and the losses must not be autocast to float16/bfloat16.
+        with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
+            return self._losses_and_metrics(outputs, targets)
+
+    def _losses_and_metrics(
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """:meth:`forward`'s work, outside autocast."""
         layers: List[Mapping[str, Tensor]] = [outputs]
         if self.deep_supervision:
             layers += list(outputs.get("aux_outputs", ()))
@@ -107,19 +136,34 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         tgt_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)  # (T,)
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)  # (T, 4)
-        num_boxes = self._num_boxes(tgt_labels.numel(), device)
         sizes = [len(t["labels"]) for t in targets]
+        num_boxes, class_weight_sum = self._normalizers(sizes, outputs["pred_logits"].shape[1], device)
 
         losses: Dict[str, Tensor] = {}
         metrics: Dict[str, Tensor] = {}
         for layer_id, (layer_outputs, indices) in enumerate(zip(layers, layer_indices)):
             suffix = "" if layer_id == 0 else f"_{layer_id - 1}"
             flat_indices = self._flatten_indices(indices, sizes, device)
-            layer_losses = self._layer_losses(layer_outputs, tgt_labels, tgt_boxes, flat_indices, num_boxes)
+            layer_losses = self._layer_losses(
+                layer_outputs, tgt_labels, tgt_boxes, flat_indices, num_boxes, class_weight_sum
+            )
             losses.update({k + suffix: v for k, v in layer_losses.items()})
             if layer_id == 0:
                 metrics = self._metrics(layer_outputs, tgt_labels, flat_indices, sizes)
+                losses.update(self._last_layer_losses(layer_outputs, targets, flat_indices, num_boxes))
         return losses, metrics
+
+    def _last_layer_losses(
+        self,
+        outputs: Mapping[str, Any],
+        targets: Sequence[Mapping[str, Tensor]],
+        flat_indices: Tuple[Tensor, Tensor, Tensor],
+        num_boxes: Tensor,
+    ) -> Dict[str, Tensor]:
+        """Further weighted losses of the last decoder layer, with its matching ``flat_indices`` (batch, query,
+        target index) and normaliser ``num_boxes``; none here (subclasses add some, e.g. the mask losses of
+        :class:`~d2_detr.modeling.mask_losses.SetCriterionWithMasks`)."""
+        return {}
 
     def _match(
         self, layers: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]]
@@ -130,13 +174,24 @@ class SetCriterion(nn.Module):
             return match_layers(layers, targets)
         return [self.matcher(layer, targets) for layer in layers]
 
-    @staticmethod
-    def _num_boxes(local_count: int, device: torch.device) -> Tensor:
-        """Number of target boxes per process, averaged over processes and clamped to >= 1; a () tensor."""
-        num_boxes = torch.tensor(float(local_count), device=device)
+    def _normalizers(self, sizes: Sequence[int], num_queries: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """``(num_boxes, class_weight_sum)`` of the step, per process (averaged over processes), as () tensors.
+
+        ``num_boxes`` counts the target boxes, clamped to >= 1. ``class_weight_sum`` is the sum over all
+        queries of the cross-entropy weight of their target class when each image's ``min(Q, n_i)`` matches
+        are foreground (weight 1) and the other queries "no object" (``eos_coef``): the denominator of
+        ``F.cross_entropy``'s weighted mean for a one-to-one matching such as the Hungarian one.
+        Both count ``sizes`` (the targets per image of this batch), or within :meth:`normalize_over` the
+        targets of the whole accumulated step.
+        """
+        counts = sizes if self._step_num_targets is None else self._step_num_targets
+        matched = sum(min(num_queries, n) for n in counts)
+        unmatched = len(counts) * num_queries - matched
+        totals = torch.tensor([float(sum(counts)), matched + self.eos_coef * unmatched], device=device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_boxes)
-        return (num_boxes / comm.get_world_size()).clamp(min=1)
+            dist.all_reduce(totals)
+        totals = totals / comm.get_world_size()
+        return totals[0].clamp(min=1), totals[1].clamp(min=torch.finfo(totals.dtype).tiny)
 
     @staticmethod
     def _flatten_indices(
@@ -162,6 +217,7 @@ class SetCriterion(nn.Module):
         tgt_boxes: Tensor,
         flat_indices: Tuple[Tensor, Tensor, Tensor],
         num_boxes: Tensor,
+        class_weight_sum: Tensor,
     ) -> Dict[str, Tensor]:
         """Weighted ``loss_ce``, ``loss_bbox`` and ``loss_giou`` of one layer, computed in float32."""
         logits = outputs["pred_logits"].float()  # (B, Q, K+1)
@@ -173,8 +229,8 @@ class SetCriterion(nn.Module):
         )  # (B, Q)
         target_classes[batch_idx, query_idx] = tgt_labels[target_idx]
         loss_ce = F.cross_entropy(
-            logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(dtype=logits.dtype)
-        )
+            logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(dtype=logits.dtype), reduction="none"
+        ).sum() / class_weight_sum  # (B, Q) class-weighted terms -> their weighted mean over the step
 
         src_boxes = boxes[batch_idx, query_idx]  # (M, 4)
         matched_tgt_boxes = tgt_boxes[target_idx]  # (M, 4)

@@ -17,6 +17,9 @@ DETR_MATCHER_REGISTRY.__doc__ = "Matchers between predictions and targets; built
 DETR_CRITERION_REGISTRY = Registry("DETR_CRITERION")
 DETR_CRITERION_REGISTRY.__doc__ = "Set criteria (losses); built with cls(cfg)."
 
+DETR_MASK_HEAD_REGISTRY = Registry("DETR_MASK_HEAD")
+DETR_MASK_HEAD_REGISTRY.__doc__ = "Mask heads (MODEL.MASK_ON); built with cls(cfg, backbone.output_shape())."
+
 # Short names accepted by MODEL.DETR.POSITION_EMBEDDING besides registered class names.
 POSITION_ENCODING_ALIASES = {"sine": "PositionEmbeddingSine", "learned": "PositionEmbeddingLearned"}
 
@@ -36,3 +39,8 @@ def build_matcher(cfg):
 
 def build_criterion(cfg):
     return DETR_CRITERION_REGISTRY.get(cfg.MODEL.DETR.CRITERION_NAME)(cfg)
+
+
+def build_mask_head(cfg, input_shape):
+    """The mask head ``MODEL.DETR.MASK_HEAD_NAME`` for a backbone with outputs ``input_shape`` (name -> ShapeSpec)."""
+    return DETR_MASK_HEAD_REGISTRY.get(cfg.MODEL.DETR.MASK_HEAD_NAME)(cfg, input_shape)

@@ -1,0 +1,100 @@
+"""The training step: gradient accumulation equals one big batch; mixed precision trains without NaN."""
+import pytest
+import torch
+from detectron2.utils.events import EventStorage
+
+from d2_detr.engine import DetrTrainer, amp_dtype, micro_batch_size
+from d2_detr.modeling.criterion import SetCriterion
+
+from .conftest import TINY_CONFIG, load_config
+from .step_helpers import SGD_OPTS, assert_same_step, fixed_inputs, initial_params, one_step
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return fixed_inputs(4)
+
+
+@pytest.mark.parametrize("clip", ["off", "full_model"])
+def test_accumulating_2x2_equals_one_step_on_4(inputs, clip):
+    """DETR's normalisers (target boxes, class weights) count the whole step, and full-model clipping acts
+    once on the accumulated gradient: clipping each micro-batch, or normalising per micro-batch, differs."""
+    opts = list(SGD_OPTS)
+    if clip == "full_model":  # the recipe's clipping, at a norm the gradient exceeds
+        opts += ["SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 0.5,
+                 "SOLVER.BASE_LR", 0.5]
+    reference = one_step(opts, [inputs])
+    accumulated = one_step(opts, [inputs[:2], inputs[2:]])
+    assert_same_step(accumulated, reference, initial_params(opts))
+
+
+def test_accumulation_without_normaliser_averages_micro_batches(inputs, monkeypatch):
+    """A criterion without ``normalize_over``: each micro-batch's loss is divided by the number of them."""
+    monkeypatch.delattr(SetCriterion, "normalize_over")
+    opts = [*SGD_OPTS, "MODEL.DETR.DEEP_SUPERVISION", False]
+    same_images = [inputs[:2], inputs[:2]]  # averaging two identical micro-batches = one of them
+    assert_same_step(one_step(opts, same_images), one_step(opts, [inputs[:2]]), initial_params(opts))
+
+
+def test_ims_per_batch_is_the_optimizer_step_batch():
+    cfg = load_config(TINY_CONFIG, "SOLVER.IMS_PER_BATCH", 8, "SOLVER.ACCUMULATE_STEPS", 4)
+    assert micro_batch_size(cfg) == 2
+    cfg = load_config(TINY_CONFIG, "SOLVER.IMS_PER_BATCH", 6, "SOLVER.ACCUMULATE_STEPS", 4)
+    with pytest.raises(ValueError, match="IMS_PER_BATCH=6 must be a multiple of SOLVER.ACCUMULATE_STEPS=4"):
+        micro_batch_size(cfg)
+
+
+def test_amp_dtype_names():
+    assert amp_dtype("auto", "cuda") == torch.float16 and amp_dtype("auto", "cpu") == torch.bfloat16
+    assert amp_dtype("bfloat16", "cuda") == torch.bfloat16 and amp_dtype("float16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="SOLVER.AMP.DTYPE='fp8'"):
+        amp_dtype("fp8", "cpu")
+
+
+def test_criterion_is_float32_under_autocast(inputs):
+    """Matching and losses run in float32 inside the autocast region: same matches and losses as outside."""
+    cfg = load_config(TINY_CONFIG, "MODEL.DETR.DROPOUT", 0.0)
+    torch.manual_seed(0)
+    model = DetrTrainer.build_model(cfg)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        images = model.preprocess_image(inputs)
+        outputs = model.predict(images)
+    assert outputs["pred_logits"].dtype == torch.bfloat16
+    targets = model.prepare_targets(inputs, images.image_sizes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, _ = model.criterion(outputs, targets)
+    reference, _ = model.criterion(outputs, targets)
+    for name, value in reference.items():
+        assert losses[name].dtype == torch.float32
+        torch.testing.assert_close(losses[name], value, rtol=0, atol=0)
+
+
+def _amp_steps(device: str, output_dir, num_steps: int = 3):
+    """Losses of ``num_steps`` DetrTrainer iterations with SOLVER.AMP.ENABLED on ``device``, and the dtype of
+    the transformer's input (autocast at work)."""
+    cfg = load_config(TINY_CONFIG, "MODEL.DEVICE", device, "SOLVER.AMP.ENABLED", True, "OUTPUT_DIR", str(output_dir),
+                      "SOLVER.IMS_PER_BATCH", 4, "SOLVER.ACCUMULATE_STEPS", 2)
+    trainer = DetrTrainer(cfg)
+    dtypes = []
+    trainer.model.input_proj.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with EventStorage(0) as storage:
+        for trainer.iter in range(num_steps):
+            trainer.run_step()
+            storage.step()
+    losses = [value for value, _ in storage.history("total_loss").values()]
+    return trainer, losses, set(dtypes)
+
+
+def test_amp_bfloat16_trains_on_cpu(tmp_path):
+    trainer, losses, dtypes = _amp_steps("cpu", tmp_path)
+    assert dtypes == {torch.bfloat16} and trainer._trainer.grad_scaler is None
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_amp_float16_trains_on_cuda(tmp_path):
+    trainer, losses, dtypes = _amp_steps("cuda", tmp_path)
+    assert dtypes == {torch.float16} and trainer._trainer.grad_scaler is not None
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.model.parameters())
