@@ -11,7 +11,7 @@ out=output/quickstart
 .venv/bin/python tools/train_net.py --config-file "$config" OUTPUT_DIR "$out" "$@"
 val_images=("$DETECTRON2_DATASETS"/synthetic_shapes_val/images/00000[0-5].png)
 .venv/bin/python tools/demo.py --config-file "$config" --input "${val_images[@]}" --output "$out/visualized" \
-  --opts MODEL.WEIGHTS "$out/model_final.pth" OUTPUT_DIR "$out" "$@"
+  --confidence-threshold 0.3 --opts MODEL.WEIGHTS "$out/model_final.pth" OUTPUT_DIR "$out" "$@"
 echo
 echo "== COCO evaluation of $out/model_final.pth on synthetic_shapes_val =="
 grep -A 3 "Evaluation results for bbox" "$out/log.txt" | tail -n 3
