@@ -274,3 +274,19 @@ def test_attention_mask_only_when_a_cell_is_padded():
     assert torch.equal(seen[1], feature_padding_mask(padded.image_sizes, (3, 4), 32, torch.device("cpu")))
     assert seen[1].any()
     torch.testing.assert_close(model.class_embed(hs[-1]), unmasked["pred_logits"], rtol=0, atol=1e-6)
+
+
+def test_resnet_detections_do_not_depend_on_batch_neighbours():
+    """With the real (tiny) ResNet, trained-like BatchNorm shifts included: at inference an image's outputs
+    are the same alone and in a padded batch with a larger image."""
+    torch.manual_seed(0)
+    model = build_model(load_config(TINY_CONFIG, "MODEL.RESNETS.NORM", "BN")).eval()
+    for module in model.backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)  # non-zero shifts: padding no longer stays zero
+    small, large = _image(72, 100, 8), _image(130, 90, 9)
+    with torch.no_grad():
+        alone = model.predict(model.preprocess_image([{"image": small}]))
+        batched = model.predict(model.preprocess_image([{"image": small}, {"image": large}]))
+    torch.testing.assert_close(batched["pred_logits"][0], alone["pred_logits"][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batched["pred_boxes"][0], alone["pred_boxes"][0], atol=1e-4, rtol=0)

@@ -226,10 +226,7 @@ class Detr(nn.Module):
         """Raw predictions: pred_logits (B, Q, K+1), pred_boxes (B, Q, 4) normalised cxcywh, and
         aux_outputs (one dict per earlier decoder layer) when the transformer returns them; with a mask head
         also pred_masks (B, Q, h, w) logits of the last layer at stride mask_stride (an int)."""
-        pixels = images.tensor  # (B, 3, H_pad, W_pad)
-        if self.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        all_features = self.backbone(pixels)  # name -> (B, C_f, H_f, W_f)
+        all_features = self.backbone_features(images)  # name -> (B, C_f, H_f, W_f)
         features = all_features[self.in_feature]  # (B, C, H, W)
         mask = feature_padding_mask(images.image_sizes, features.shape[-2:], self.feature_stride, self.device)
         pos = self.position_encoding(mask).to(features.dtype)  # (B, d, H, W)
@@ -248,6 +245,28 @@ class Detr(nn.Module):
             outputs["pred_masks"] = self.mask_head(hs[-1], memory, src_proj, mask, all_features)  # (B, Q, h, w)
             outputs["mask_stride"] = self.mask_head.output_stride
         return outputs
+
+    def backbone_features(self, images: ImageList) -> Dict[str, Tensor]:
+        """Backbone features of the batch, name -> (B, C_f, H_f, W_f).
+
+        In training the padded batch goes through the backbone at once (BatchNorm statistics need the batch).
+        At inference, images of different sizes go through it one by one and their features are zero-padded
+        to the batch's feature size: otherwise convolutions near an image's bottom/right border read the
+        batch's padding, and a detection would depend on which images share its batch.
+        """
+        pixels = images.tensor  # (B, 3, H_pad, W_pad)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        if self.training or len(set(images.image_sizes)) == 1:
+            return self.backbone(pixels)
+        per_image = [self.backbone(pixels[i : i + 1, :, :h, :w]) for i, (h, w) in enumerate(images.image_sizes)]
+        batched = {}
+        for name in per_image[0]:
+            maps = [features[name] for features in per_image]  # (1, C_f, h_f, w_f) each
+            height = max(m.shape[-2] for m in maps)
+            width = max(m.shape[-1] for m in maps)
+            batched[name] = torch.cat([F.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in maps])
+        return batched
 
     def _any_padding(self, image_sizes: List[Tuple[int, int]], feature_hw: Tuple[int, int]) -> bool:
         """Whether :func:`feature_padding_mask` marks any cell as padded, decided on the host (no device sync)."""
