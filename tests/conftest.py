@@ -5,6 +5,7 @@ import tempfile
 os.environ.setdefault("DETECTRON2_DATASETS", tempfile.mkdtemp(prefix="d2_detr_test_datasets_"))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
@@ -25,6 +26,15 @@ def load_config(path: str = TINY_CONFIG, *opts):
     cfg.merge_from_file(path)
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and avoids OpenMP oversubscription on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

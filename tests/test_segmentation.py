@@ -23,13 +23,7 @@ def _image(h, w, seed):
     return torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed)).float()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and avoids OpenMP oversubscription on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

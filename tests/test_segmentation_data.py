@@ -22,13 +22,7 @@ from .conftest import TESTS_DIR, load_config
 PANOPTIC_CONFIG = os.path.join(TESTS_DIR, "configs", "tiny_panoptic.yaml")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and avoids OpenMP oversubscription on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
