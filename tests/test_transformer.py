@@ -235,6 +235,9 @@ def test_build_from_config():
     assert model.decoder.return_intermediate and len(model.decoder.layers) == 2
     assert model.decoder.layers[0].linear1.out_features == 64
     assert model.decoder.layers[0].self_attn.num_heads == 4
+    assert model.decoder.layers[0].linear1.onednn and model.encoder.layers[0].self_attn.onednn_linear
+    cfg.MODEL.DETR.ONEDNN_LINEAR = False
+    assert not build_transformer(cfg).encoder.layers[0].linear2.onednn
     cfg.MODEL.DETR.NHEADS = 5
     with pytest.raises(ValueError, match="divisible"):
         build_transformer(cfg)
@@ -311,3 +314,26 @@ def test_transformer_never_computes_attention_weights_at_inference():
     ops = {event.key for event in prof.key_averages()}
     assert "aten::scaled_dot_product_attention" in ops
     assert not ops & {"aten::softmax", "aten::_softmax", "aten::_safe_softmax", "aten::bmm", "aten::baddbmm"}, ops
+
+
+def test_onednn_linear_gives_the_same_outputs_and_gradients():
+    """ONEDNN_LINEAR=True (products through oneDNN once there are enough rows) against F.linear, in training."""
+    from d2_detr.layers.linear import MIN_ROWS
+
+    g = torch.Generator().manual_seed(3)
+    h, w = 16, MIN_ROWS // 16  # B * h * w = 2 * MIN_ROWS encoder rows: the oneDNN path applies
+    src, pos = torch.randn(B, D, h, w, generator=g), torch.randn(B, D, h, w, generator=g)
+    query = torch.randn(Q, D, generator=g)
+    mask = torch.zeros(B, h, w, dtype=torch.bool)
+    mask[1, :, w // 2 :] = True
+    results = []
+    for onednn in (True, False):
+        model = _small(onednn_linear=onednn).train()
+        hs, memory = model(src, mask, query, pos)
+        (hs.square().sum() + memory.square().sum()).backward()
+        results.append((hs, memory, [p.grad for p in model.parameters()]))
+    (hs1, mem1, grads1), (hs2, mem2, grads2) = results
+    torch.testing.assert_close(hs1, hs2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mem1, mem2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import Tensor, nn
 
+from d2_detr.layers.linear import Linear, linear
 from d2_detr.modeling.registry import DETR_TRANSFORMER_REGISTRY
 
 __all__ = [
@@ -47,12 +48,13 @@ class FusedMultiheadAttention(nn.Module):
     Inputs are sequence-first, as ``nn.MultiheadAttention``'s default.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, onednn_linear: bool = True) -> None:
         """
         Args:
             embed_dim: feature width d of queries, keys and values.
             num_heads: attention heads (must divide ``embed_dim``).
             dropout: dropout probability on the attention weights, in training mode only.
+            onednn_linear: projections through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`).
         """
         super().__init__()
         if embed_dim % num_heads != 0:
@@ -61,9 +63,10 @@ class FusedMultiheadAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
+        self.onednn_linear = onednn_linear
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = Linear(embed_dim, embed_dim, onednn=onednn_linear)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
@@ -89,13 +92,13 @@ class FusedMultiheadAttention(nn.Module):
         Returns:
             (L, B, d) attention output.
         """
-        d = self.embed_dim
+        d, w, b, onednn = self.embed_dim, self.in_proj_weight, self.in_proj_bias, self.onednn_linear
         if query is key:
-            q, k = F.linear(query, self.in_proj_weight[: 2 * d], self.in_proj_bias[: 2 * d]).chunk(2, dim=-1)
+            q, k = linear(query, w[: 2 * d], b[: 2 * d], onednn).chunk(2, dim=-1)  # (L, B, d) each
         else:
-            q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d])  # (L, B, d)
-            k = F.linear(key, self.in_proj_weight[d : 2 * d], self.in_proj_bias[d : 2 * d])  # (S, B, d)
-        v = F.linear(value, self.in_proj_weight[2 * d :], self.in_proj_bias[2 * d :])  # (S, B, d)
+            q = linear(query, w[:d], b[:d], onednn)  # (L, B, d)
+            k = linear(key, w[d : 2 * d], b[d : 2 * d], onednn)  # (S, B, d)
+        v = linear(value, w[2 * d :], b[2 * d :], onednn)  # (S, B, d)
         attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
         out = F.scaled_dot_product_attention(
             self._split_heads(q),
@@ -117,6 +120,7 @@ class TransformerEncoderLayer(nn.Module):
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
         normalize_before: bool = False,
+        onednn_linear: bool = True,
     ) -> None:
         """
         Args:
@@ -125,12 +129,13 @@ class TransformerEncoderLayer(nn.Module):
             dim_feedforward: hidden width of the feed-forward block.
             dropout: dropout in attention and after each sub-layer.
             normalize_before: pre-norm (LayerNorm before each sub-layer) instead of post-norm.
+            onednn_linear: matrix products through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`).
         """
         super().__init__()
-        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear)
+        self.linear1 = Linear(d_model, dim_feedforward, onednn=onednn_linear)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear2 = Linear(dim_feedforward, d_model, onednn=onednn_linear)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
@@ -178,14 +183,15 @@ class TransformerDecoderLayer(nn.Module):
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
         normalize_before: bool = False,
+        onednn_linear: bool = True,
     ) -> None:
         """Arguments as in :class:`TransformerEncoderLayer`."""
         super().__init__()
-        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout=dropout)
-        self.multihead_attn = FusedMultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear)
+        self.multihead_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear)
+        self.linear1 = Linear(d_model, dim_feedforward, onednn=onednn_linear)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear2 = Linear(dim_feedforward, d_model, onednn=onednn_linear)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
@@ -336,6 +342,7 @@ class DetrTransformer(nn.Module):
         dropout: float = 0.1,
         normalize_before: bool = False,
         return_intermediate_dec: bool = False,
+        onednn_linear: bool = True,
     ) -> None:
         """
         Args:
@@ -347,14 +354,20 @@ class DetrTransformer(nn.Module):
             dropout: dropout in attention and after each sub-layer.
             normalize_before: pre-norm layers (and a final encoder LayerNorm) instead of post-norm.
             return_intermediate_dec: return every decoder layer's output (for deep supervision).
+            onednn_linear: matrix products through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`);
+                the same results up to float rounding.
         """
         super().__init__()
         if d_model % nhead != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
-        encoder_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
+        encoder_layer = TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout, normalize_before, onednn_linear
+        )
         encoder_norm = nn.LayerNorm(d_model) if normalize_before else None
         self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers, encoder_norm)
-        decoder_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
+        decoder_layer = TransformerDecoderLayer(
+            d_model, nhead, dim_feedforward, dropout, normalize_before, onednn_linear
+        )
         self.decoder = TransformerDecoder(
             decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate=return_intermediate_dec
         )
@@ -374,6 +387,7 @@ class DetrTransformer(nn.Module):
             "dropout": detr.DROPOUT,
             "normalize_before": detr.PRE_NORM,
             "return_intermediate_dec": detr.DEEP_SUPERVISION,
+            "onednn_linear": detr.ONEDNN_LINEAR,
         }
 
     def _reset_parameters(self) -> None:
