@@ -77,6 +77,9 @@ def add_detr_config(cfg: CN) -> None:
     detr.FOLD_FROZEN_BN = True
     # Feed the backbone channels-last (NHWC) images: faster convolutions on CPU and on tensor-core GPUs.
     detr.CHANNELS_LAST = True
+    # The transformer's matrix products through oneDNN on CPU (fp32, 256+ rows; forward and backward) instead
+    # of the BLAS library behind F.linear (MKL, ~2x slower on AMD CPUs); no effect on GPU.
+    detr.ONEDNN_LINEAR = True
     # Compile the transformer with torch.compile (the first iterations, and new input shapes, compile).
     detr.COMPILE_TRANSFORMER = False
     # torch.compile backend used with COMPILE_TRANSFORMER ("inductor", "aot_eager", ...).
@@ -124,6 +127,9 @@ def add_detr_config(cfg: CN) -> None:
     # ---- solver ----
     # "ADAMW" (the recipe) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Update all parameters in one fused kernel (PyTorch's fused=True) instead of the per-tensor loop: the same
+    # update up to float rounding, ~4x less optimizer time on CPU (R-50: 12 against 46 ms a step).
+    cfg.SOLVER.FUSED_OPTIMIZER = True
     # Learning-rate multiplier of the backbone's parameters.
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Gradient clipping of the recipe: the whole model's L2 norm at 0.1. CLIP_TYPE "full_model" is added

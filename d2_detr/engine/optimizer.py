@@ -29,7 +29,8 @@ def with_full_model_gradient_clipping(optim_cls: Type[torch.optim.Optimizer], ma
 
 def build_detr_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """Parameters whose name starts with ``backbone.`` get ``BASE_LR * BACKBONE_MULTIPLIER``; weight decay
-    ``SOLVER.WEIGHT_DECAY`` applies to every parameter, as in the recipe."""
+    ``SOLVER.WEIGHT_DECAY`` applies to every parameter, as in the recipe. ``SOLVER.FUSED_OPTIMIZER`` steps
+    them in one fused kernel."""
     backbone, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -50,7 +51,8 @@ def build_detr_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         optim_cls = with_full_model_gradient_clipping(optim_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
     else:
         optim_cls = maybe_add_gradient_clipping(cfg, optim_cls)
-    optimizer = optim_cls(groups, lr=base_lr, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs)
+    optimizer = optim_cls(groups, lr=base_lr, weight_decay=cfg.SOLVER.WEIGHT_DECAY, fused=cfg.SOLVER.FUSED_OPTIMIZER,
+                          **kwargs)
     logger.info(f"Optimizer {type(optimizer).__name__}: {len(rest)} parameter tensors at lr {base_lr}, "
                 f"{len(backbone)} backbone tensors at lr {base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER}")
     return optimizer

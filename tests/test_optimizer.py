@@ -1,0 +1,65 @@
+"""DETR's optimizer (d2_detr.engine.optimizer): parameter groups, full-model clipping, fused steps."""
+import pytest
+import torch
+from torch import nn
+
+from d2_detr.engine.optimizer import build_detr_optimizer
+from tests.conftest import load_config
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x).relu())
+
+
+def _cfg(**solver):
+    cfg = load_config("tests/configs/tiny.yaml")
+    cfg.SOLVER.BASE_LR = 1e-2
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    for key, value in solver.items():
+        setattr(cfg.SOLVER, key, value)
+    return cfg
+
+
+def _step(cfg, scale: float = 1.0):
+    model = _Model()
+    optimizer = build_detr_optimizer(cfg, model)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    (scale * model(x).square().sum()).backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_backbone_parameters_get_the_multiplier():
+    _, optimizer = _step(_cfg())
+    rest, backbone = optimizer.param_groups
+    assert rest["lr"] == pytest.approx(1e-2) and backbone["lr"] == pytest.approx(1e-3)
+    assert len(rest["params"]) == 2 and len(backbone["params"]) == 2
+
+
+def test_full_model_clipping_clips_the_norm_of_all_gradients_together():
+    model, _ = _step(_cfg(), scale=1e3)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert total.item() == pytest.approx(0.1, rel=1e-4)  # CLIP_VALUE of the recipe
+
+
+def test_fused_step_equals_per_tensor_step():
+    fused, opt_fused = _step(_cfg(FUSED_OPTIMIZER=True))
+    loop, opt_loop = _step(_cfg(FUSED_OPTIMIZER=False))
+    assert opt_fused.defaults["fused"] and not opt_loop.defaults["fused"]
+    for a, b in zip(fused.parameters(), loop.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(fused.head.weight, _Model().head.weight)  # the step changed the parameters
+
+
+def test_sgd_and_unknown_optimizer():
+    _, optimizer = _step(_cfg(OPTIMIZER="SGD", MOMENTUM=0.9))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    with pytest.raises(ValueError, match="use 'ADAMW' or 'SGD'"):
+        build_detr_optimizer(_cfg(OPTIMIZER="LAMB"), _Model())
