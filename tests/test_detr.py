@@ -11,7 +11,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from d2_detr.layers.padding_mask import feature_padding_mask
 from d2_detr.modeling.detr import FoldedFrozenBNConv2d, fold_frozen_batchnorm
-from d2_detr.modeling.inference import select_predictions
+from d2_detr.modeling.inference import select_batch_predictions, select_predictions
 
 from .conftest import PATCH_BACKBONE_OPTS, REPO_DIR, TINY_CONFIG, load_config
 
@@ -37,6 +37,8 @@ def test_feature_padding_mask_ceil_rule():
     assert not mask[1].any()
     mask = feature_padding_mask([(64, 96), (32, 40)], (2, 3), stride=32, device=torch.device("cpu"))
     assert mask[1].tolist() == [[False, False, True], [True, True, True]]
+    sizes = torch.tensor([(64, 96), (32, 40)])  # the exported graph's (B, 2) input
+    assert torch.equal(feature_padding_mask(sizes, (2, 3), stride=32, device=torch.device("cpu")), mask)
 
 
 @pytest.mark.parametrize("position_embedding", ["sine", "learned"])
@@ -92,6 +94,20 @@ def test_select_predictions_rules():
     torch.testing.assert_close(scores, prob.flatten()[order])
     assert labels.tolist() == (order % 2).tolist()
     assert torch.equal(picked, boxes[0][order // 2])
+
+
+@pytest.mark.parametrize("topk", [0, 3])
+def test_select_batch_predictions_names_each_prediction_query(topk):
+    g = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(2, 4, 6, generator=g), torch.rand(2, 4, 4, generator=g)
+    scores, labels, picked, queries = select_batch_predictions(logits, boxes, topk)
+    assert scores.shape == labels.shape == queries.shape == (2, 4 if topk == 0 else 3)
+    prob = logits.softmax(-1)[..., :-1]
+    torch.testing.assert_close(scores, torch.gather(prob, 1, queries[..., None].expand(-1, -1, 5)).gather(
+        2, labels[..., None])[..., 0])
+    torch.testing.assert_close(picked, torch.gather(boxes, 1, queries[..., None].expand(-1, -1, 4)))
+    for image, (s, l, b) in enumerate(select_predictions(logits, boxes, topk)):
+        assert torch.equal(s, scores[image]) and torch.equal(l, labels[image]) and torch.equal(b, picked[image])
 
 
 def _instances(h, w, boxes, classes):

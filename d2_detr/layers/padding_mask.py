@@ -1,11 +1,14 @@
 """Padding masks of a padded image batch, at the resolution of a feature map."""
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 import torch
 
 
 def feature_padding_mask(
-    image_sizes: List[Tuple[int, int]], feature_hw: Tuple[int, int], stride: int, device: torch.device
+    image_sizes: Union[List[Tuple[int, int]], torch.Tensor],
+    feature_hw: Tuple[int, int],
+    stride: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """Which cells of a feature map lie outside each image's unpadded area.
 
@@ -14,14 +17,17 @@ def feature_padding_mask(
     large the padded batch is, so results do not depend on which images share a batch.
 
     Args:
-        image_sizes: (h, w) of each unpadded image, as in ``ImageList.image_sizes``.
+        image_sizes: (h, w) of each unpadded image, as in ``ImageList.image_sizes``, or a (B, 2) integer
+            tensor of them (traced as an input of the graph by d2_detr.export).
         feature_hw: (H, W) of the feature map.
         stride: the feature map's stride with respect to the input image.
     Returns:
         BoolTensor (B, H, W), True on padded cells.
     """
     height, width = feature_hw
-    sizes = torch.as_tensor(image_sizes, dtype=torch.int64, device=device).reshape(-1, 2)  # (B, 2)
+    if not isinstance(image_sizes, torch.Tensor):
+        image_sizes = torch.as_tensor(image_sizes, dtype=torch.int64)
+    sizes = image_sizes.to(device=device, dtype=torch.int64).reshape(-1, 2)  # (B, 2)
     valid_hw = torch.div(sizes + stride - 1, stride, rounding_mode="floor")  # ceil(size / stride)
     rows = torch.arange(height, device=device)[None, :, None]  # (1, H, 1)
     cols = torch.arange(width, device=device)[None, None, :]  # (1, 1, W)

@@ -227,20 +227,27 @@ class Detr(nn.Module):
         aux_outputs (one dict per earlier decoder layer) when the transformer returns them; with a mask head
         also pred_masks (B, Q, h, w) logits of the last layer at stride mask_stride (an int)."""
         all_features = self.backbone_features(images)  # name -> (B, C_f, H_f, W_f)
+        feature_hw = all_features[self.in_feature].shape[-2:]
+        mask = feature_padding_mask(images.image_sizes, feature_hw, self.feature_stride, self.device)  # (B, H, W)
+        # Without padded cells (one image, or images of one size) attention needs no mask: skip the masking work.
+        return self.predict_from_features(all_features, mask, self._any_padding(images.image_sizes, feature_hw))
+
+    def predict_from_features(self, all_features: Dict[str, Tensor], mask: Tensor, mask_attention: bool) -> Dict:
+        """:meth:`predict`'s outputs from the backbone features (name -> (B, C_f, H_f, W_f)) and the padding mask
+        (B, H, W) of ``in_feature``, True on padded cells. ``mask_attention`` False skips masking the attention
+        (only correct when no cell is padded); the exported graph (d2_detr.export) always masks."""
         features = all_features[self.in_feature]  # (B, C, H, W)
-        mask = feature_padding_mask(images.image_sizes, features.shape[-2:], self.feature_stride, self.device)
         pos = self.position_encoding(mask).to(features.dtype)  # (B, d, H, W)
         src_proj = self.input_proj(features)  # (B, d, H, W)
-        # Without padded cells (one image, or images of one size) attention needs no mask: skip the masking work.
-        attention_mask = mask if self._any_padding(images.image_sizes, features.shape[-2:]) else None
         # hs: (L, B, Q, d), memory: (B, d, H, W)
-        hs, memory = self.transformer(src_proj, attention_mask, self.query_embed.weight, pos)
+        hs, memory = self.transformer(src_proj, mask if mask_attention else None, self.query_embed.weight, pos)
         if not self.training:
             hs = hs[-1:]  # earlier layers' predictions only feed the auxiliary losses
         logits = self.class_embed(hs)  # (L, B, Q, K+1)
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        outputs["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        aux = zip(logits[:-1], boxes[:-1]) if self.training else ()  # nothing to iterate (nor trace) at inference
+        outputs["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in aux]
         if self.mask_head is not None:
             outputs["pred_masks"] = self.mask_head(hs[-1], memory, src_proj, mask, all_features)  # (B, Q, h, w)
             outputs["mask_stride"] = self.mask_head.output_stride

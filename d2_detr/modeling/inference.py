@@ -3,12 +3,13 @@ from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["select_batch_predictions", "select_predictions"]
 
 
-def select_predictions(
-    logits: torch.Tensor, boxes: torch.Tensor, topk: int = 0
-) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Scores, labels and boxes of each image.
+def select_batch_predictions(logits: Tensor, boxes: Tensor, topk: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scores, labels and boxes of a batch, as batched tensors (no per-image Python loop, so it traces and exports).
 
     Args:
         logits: (B, Q, K+1) class logits, the last class being "no object".
@@ -17,16 +18,24 @@ def select_predictions(
             probability (softmax over K+1 classes, "no object" dropped). k > 0: the k best
             (query, class) pairs of each image, so one query may yield several classes.
     Returns:
-        per image: scores (N,), labels (N,) int64, boxes (N, 4); N = Q, or min(k, Q*K).
+        scores (B, N), labels (B, N) int64, boxes (B, N, 4) and queries (B, N) int64, the query each
+        prediction comes from; N = Q, or min(k, Q*K).
     """
     prob = F.softmax(logits.float(), dim=-1)[..., :-1]  # (B, Q, K)
     if topk <= 0:
         scores, labels = prob.max(dim=-1)  # (B, Q)
-        return list(zip(scores, labels, boxes))
+        queries = torch.arange(prob.shape[1], device=prob.device).expand_as(labels)  # (B, Q)
+        return scores, labels, boxes, queries
     num_classes = prob.shape[-1]
     k = min(topk, prob.shape[1] * num_classes)
     scores, flat_idx = prob.flatten(1).topk(k, dim=1)  # (B, k)
     queries = torch.div(flat_idx, num_classes, rounding_mode="floor")
     labels = flat_idx % num_classes
     picked = torch.gather(boxes, 1, queries[..., None].expand(-1, -1, boxes.shape[-1]))  # (B, k, 4)
+    return scores, labels, picked, queries
+
+
+def select_predictions(logits: Tensor, boxes: Tensor, topk: int = 0) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """:func:`select_batch_predictions` per image: scores (N,), labels (N,) int64, boxes (N, 4) of each image."""
+    scores, labels, picked, _ = select_batch_predictions(logits, boxes, topk)
     return list(zip(scores, labels, picked))
