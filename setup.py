@@ -25,6 +25,10 @@ setup(
         # Detectron2's COCOPanopticEvaluator imports `panopticapi`, which is not on the registry under that
         # name; panopticapi-lite provides the same `panopticapi` module (it requires numpy < 2).
         "panopticapi-lite==0.2.0",
+        # d2_detr.export / tools/export_model.py: torch.onnx writes the graph, onnx checks the file
+        # (onnx.checker), onnxruntime runs it on the CPU to verify it against the PyTorch model.
+        "onnx>=1.13",
+        "onnxruntime>=1.14",
     ],
     extras_require={"dev": ["pytest"]},
 )
