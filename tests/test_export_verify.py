@@ -34,11 +34,14 @@ def test_equal_outputs_within_tolerance_pass():
     actual["boxes"][0, 0, 0] += 5e-5
     actual["masks"][1, :, 10:, :] = ~actual["masks"][1, :, 10:, :]  # below image 1 (10 x 12): ignored
     report = compare_outputs(expected, actual, SIZES, atol=1e-4)
-    assert report["boxes"] == pytest.approx(5e-5, rel=1e-2) and report["labels"] == 0 and report["masks"] == 0
+    assert report["boxes"] == pytest.approx(5e-5, rel=1e-2)  # pixels
+    assert report["boxes_relative"] == pytest.approx(5e-5 / 30, rel=1e-2)  # an x coordinate of the 30-px wide image
+    assert report["labels"] == 0 and report["masks"] == 0
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda o: o["boxes"].__setitem__((1, 2, 3), o["boxes"][1, 2, 3] + 0.01), r"boxes differ by up to 0.01"),
+    (lambda o: o["boxes"].__setitem__((1, 2, 3), o["boxes"][1, 2, 3] + 0.01),  # y1 in the 10-px high image
+     r"boxes differ by up to 0.001 of the image size \(tolerance 0.0001; 0.01 pixels\)"),
     (lambda o: o["scores"].__setitem__((0, 0), o["scores"][0, 0] - 1e-3), r"scores differ by up to 0.001"),
     (lambda o: o["labels"].__setitem__((0, 1), o["labels"][0, 1] + 1), r"10.0% of the labels differ"),
     (lambda o: o["masks"].__setitem__((0, 0), ~o["masks"][0, 0]), r"20.00% of the mask pixels differ"),

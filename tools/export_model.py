@@ -43,7 +43,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=MIN_ONNX_OPSET,
                         help=f"ONNX opset, {MIN_ONNX_OPSET} or newer (default {MIN_ONNX_OPSET})")
     parser.add_argument("--atol", type=float, default=1e-4,
-                        help="largest difference of boxes (pixels) and scores accepted by the check (default 1e-4)")
+                        help="largest difference of scores, and of boxes relative to the image size, accepted by the "
+                             "check (default 1e-4)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides, e.g. MODEL.WEIGHTS model_final.pth")
     return parser

@@ -88,10 +88,12 @@ def compare_outputs(expected: Dict[str, Tensor], actual: Dict[str, Tensor], imag
                     atol: float = 1e-4, max_mask_mismatch: float = 1e-3) -> Dict[str, float]:
     """How far ``actual`` outputs are from ``expected`` ones; raises :class:`ExportMismatchError` beyond tolerance.
 
-    Boxes (pixels) and scores must agree within ``atol``, labels exactly; masks are compared inside each image
-    (the graph leaves the padding unspecified) and may differ on a fraction ``max_mask_mismatch`` of the pixels
-    (logits within rounding of 0 flip). Returns per output the max absolute difference (for masks the fraction
-    of differing pixels, for labels the fraction of differing labels).
+    Scores must agree within ``atol``, and boxes within ``atol`` of the image size (x by the width, y by the
+    height: the model's normalised boxes within ``atol``; float32 rounding grows with the pixel coordinates);
+    labels exactly; masks are compared inside each image (the graph leaves the padding unspecified) and may
+    differ on a fraction ``max_mask_mismatch`` of the pixels (logits within rounding of 0 flip). Returns per
+    output the max absolute difference ("boxes" in pixels, "boxes_relative" relative to the image size; for
+    labels and masks the fraction of differing labels and pixels).
     """
     missing = sorted(set(expected) - set(actual))
     if missing:
@@ -102,14 +104,20 @@ def compare_outputs(expected: Dict[str, Tensor], actual: Dict[str, Tensor], imag
             raise ExportMismatchError(f"exported {name} have shape {tuple(actual[name].shape)}, the PyTorch model's "
                                       f"{tuple(expected[name].shape)}.")
         report[name] = float((expected[name].float() - actual[name].float()).abs().max())
+    box_scale = image_sizes.flip(-1).repeat(1, 2).float()[:, None, :]  # (B, 1, 4): w, h, w, h
+    report["boxes_relative"] = float(((expected["boxes"].float() - actual["boxes"].float()) / box_scale).abs().max())
     report["labels"] = float((expected["labels"] != actual["labels"]).float().mean())
     if "masks" in expected:
         differing: List[float] = []
         for i, (h, w) in enumerate(image_sizes.tolist()):
             differing.append(float((expected["masks"][i, :, :h, :w] != actual["masks"][i, :, :h, :w]).float().mean()))
         report["masks"] = max(differing)
-    failures = [f"{name} differ by up to {report[name]:.3g} (tolerance {atol:g})"
-                for name in ("boxes", "scores") if not report[name] <= atol]
+    failures = []
+    if not report["boxes_relative"] <= atol:
+        failures.append(f"boxes differ by up to {report['boxes_relative']:.3g} of the image size (tolerance "
+                        f"{atol:g}; {report['boxes']:.3g} pixels)")
+    if not report["scores"] <= atol:
+        failures.append(f"scores differ by up to {report['scores']:.3g} (tolerance {atol:g})")
     if report["labels"] > 0:
         failures.append(f"{report['labels']:.1%} of the labels differ")
     if report.get("masks", 0.0) > max_mask_mismatch:
