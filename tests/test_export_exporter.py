@@ -128,3 +128,4 @@ def test_unknown_format_and_old_opset_are_refused(tmp_path):
         export_model(model, "tflite", str(tmp_path))
     with pytest.raises(ExportError, match="opset 13 is too old"):
         export_model(model, "onnx", str(tmp_path), opset=13)
+    assert not os.listdir(tmp_path)

@@ -142,8 +142,7 @@ def export_onnx(module: torch.jit.ScriptModule, inputs: Tuple[Tensor, Tensor], p
     """
     import onnx
 
-    if opset < MIN_ONNX_OPSET:
-        raise ExportError(f"ONNX opset {opset} is too old: the export needs opset {MIN_ONNX_OPSET} or newer.")
+    _check_opset(opset)
     outputs = output_names(with_masks)
     dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}}
     dynamic_axes.update({name: {0: "batch"} for name in outputs})
@@ -160,6 +159,11 @@ def export_onnx(module: torch.jit.ScriptModule, inputs: Tuple[Tensor, Tensor], p
     onnx.checker.check_model(path)
 
 
+def _check_opset(opset: int) -> None:
+    if opset < MIN_ONNX_OPSET:
+        raise ExportError(f"ONNX opset {opset} is too old: the export needs opset {MIN_ONNX_OPSET} or newer.")
+
+
 def export_model(model: nn.Module, fmt: str, output_dir: str, opset: int = MIN_ONNX_OPSET) -> str:
     """Export ``model`` (a ``Detr``; put in eval mode) to ``output_dir`` in format ``fmt``; returns the file's path.
 
@@ -167,6 +171,8 @@ def export_model(model: nn.Module, fmt: str, output_dir: str, opset: int = MIN_O
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}.")
+    if fmt == "onnx":
+        _check_opset(opset)
     check_exportable_model(model)
     model.eval()
     inputs = example_inputs(model)
