@@ -8,6 +8,8 @@ with ``git archive`` into a temporary folder: the repository and its working tre
 Both versions run with the same weights (the current version's random initialisation, its frozen BatchNorms
 calibrated on a random image so that activations have a trained network's scale and folding them is exercised;
 saved, then loaded into the reference) and the same inputs; the script reports how far their outputs differ.
+Each worker applies its version's process set-up as ``tools/train_net.py`` does (``keep_freed_memory`` of
+``d2_detr.engine.allocator``, where the version has it; ``D2_DETR_KEEP_FREED_MEMORY=0`` measures without it).
 
 Examples::
 
@@ -92,6 +94,12 @@ class Worker:
 
         if threads > 0:
             torch.set_num_threads(threads)
+        try:  # the process set-up tools/train_net.py applies, in versions that have it
+            from d2_detr.engine.allocator import keep_freed_memory
+        except ImportError:
+            freed_memory_kept = False
+        else:
+            freed_memory_kept = keep_freed_memory()
         self.device = device
         cfg = get_cfg()
         add_detr_config(cfg)
@@ -128,6 +136,7 @@ class Worker:
             "parameters": sum(p.numel() for p in model.parameters()),
             "applied_opts": applied,
             "ignored_opts": ignored,
+            "freed_memory_kept": freed_memory_kept,
         }
 
     @staticmethod
@@ -559,7 +568,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             )
             print(f"{version.label}: d2_detr from {info[version.name]['d2_detr']}, "
                   f"{info[version.name]['threads']} threads, ignored overrides: "
-                  f"{info[version.name]['ignored_opts'] or 'none'}", file=sys.stderr, flush=True)
+                  f"{info[version.name]['ignored_opts'] or 'none'}, glibc malloc keeps freed memory "
+                  f"(d2_detr.engine.allocator): {info[version.name]['freed_memory_kept']}", file=sys.stderr, flush=True)
         results: Dict[str, Any] = {"infer": {}}
         diffs = None
         if len(versions) > 1:

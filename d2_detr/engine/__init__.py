@@ -1,4 +1,5 @@
 """Training and evaluation on Detectron2's engine."""
+from .allocator import keep_freed_memory
 from .checkpointer import AtomicDetectionCheckpointer, atomic_write
 from .launch import launch
 from .optimizer import build_detr_optimizer, with_full_model_gradient_clipping
@@ -14,6 +15,7 @@ __all__ = [
     "build_detr_optimizer",
     "check_num_classes",
     "create_ddp_model",
+    "keep_freed_memory",
     "launch",
     "micro_batch_size",
     "with_full_model_gradient_clipping",
