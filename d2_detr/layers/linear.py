@@ -50,17 +50,16 @@ def onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether ``linear`` takes the oneDNN path for these operands: fp32 on CPU with oneDNN available, at least
     ``MIN_ROWS`` rows, and not inside tracing, scripting, ONNX export or ``torch.compile`` (which need the
     standard operator) or autocast (which casts ``F.linear`` itself)."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return False  # checked first: the size test below would be recorded into a traced graph
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.numel() >= MIN_ROWS * x.shape[-1]
         and torch.backends.mkldnn.is_available()
         and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.onnx.is_in_onnx_export()
-        and not torch.compiler.is_compiling()
     )
 
 
