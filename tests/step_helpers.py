@@ -1,5 +1,5 @@
 """Shared by the training-step tests: fixed inputs and one optimisation step of the tiny DETR."""
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,15 +33,18 @@ def initial_params(opts: Sequence) -> Dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def one_step(opts: Sequence, micro_batches: List[List[Dict]], amp_dtype=None) -> Dict[str, torch.Tensor]:
+def one_step(opts: Sequence, micro_batches: List[List[Dict]], amp_dtype=None,
+             grad_scaler: Optional[torch.amp.GradScaler] = None) -> Dict[str, torch.Tensor]:
     """Parameters of the tiny DETR (seed 0) after one AccumulatingTrainer step over ``micro_batches`` (this
-    process's share of the step), DDP-wrapped when distributed."""
+    process's share of the step), DDP-wrapped when distributed; ``grad_scaler`` replaces the trainer's."""
     cfg = load_config(TINY_CONFIG, *opts)
     torch.manual_seed(0)
     model = DetrTrainer.build_model(cfg)
     optimizer = DetrTrainer.build_optimizer(cfg, model)
     trainer = AccumulatingTrainer(create_ddp_model(model), micro_batches, optimizer,
                                   accumulate_steps=len(micro_batches), amp_dtype=amp_dtype)
+    if grad_scaler is not None:
+        trainer.grad_scaler = grad_scaler
     with EventStorage(0):
         trainer.run_step()
     return {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -55,3 +58,20 @@ def assert_same_step(params: Dict[str, torch.Tensor], reference: Dict[str, torch
     assert moved > 1e-3
     for name in reference:
         torch.testing.assert_close(params[name], reference[name], rtol=0, atol=1e-5, msg=name)
+
+
+class ClipRecorder:
+    """Wraps torch's clipping functions (looked up at call time, by d2_detr's optimizer and Detectron2's) to
+    record the L2 norm of the gradients each call sees, in ``norms``."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.norms: List[float] = []
+        for name in ("clip_grad_norm_", "clip_grad_value_"):
+            monkeypatch.setattr(torch.nn.utils, name, self._recording(getattr(torch.nn.utils, name)))
+
+    def _recording(self, clip: Callable) -> Callable:
+        def recorded(params, *args, **kwargs):
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            self.norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
+            return clip(params, *args, **kwargs)
+        return recorded

@@ -1,10 +1,11 @@
-"""DETR's optimizer (d2_detr.engine.optimizer): parameter groups, full-model clipping, fused steps."""
+"""DETR's optimizer (d2_detr.engine.optimizer): parameter groups, full-model clipping, fused steps, loss scaling."""
 import pytest
 import torch
 from torch import nn
 
 from d2_detr.engine.optimizer import build_detr_optimizer
 from tests.conftest import load_config
+from tests.step_helpers import ClipRecorder
 
 
 class _Model(nn.Module):
@@ -63,3 +64,58 @@ def test_sgd_and_unknown_optimizer():
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
     with pytest.raises(ValueError, match="use 'ADAMW' or 'SGD'"):
         build_detr_optimizer(_cfg(OPTIMIZER="LAMB"), _Model())
+
+
+def _amp_cfg(optimizer: str, clip: str, fused: bool):
+    cfg = _cfg(OPTIMIZER=optimizer, MOMENTUM=0.9, FUSED_OPTIMIZER=fused)
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = clip
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1  # below the gradients' norms and largest values: clipping acts
+    return cfg
+
+
+def _amp_step(cfg, scaler: torch.amp.GradScaler):
+    """One float16-autocast step of ``_Model`` as Detectron2's AMPTrainer takes it: ``scaler.step`` without an
+    explicit ``unscale_``."""
+    model = _Model()
+    optimizer = build_detr_optimizer(cfg, model)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(x).float().square().sum()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return model, optimizer
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("clip", ["full_model", "norm", "value"])
+@pytest.mark.parametrize("optimizer", ["ADAMW", "SGD"])
+def test_clipping_under_grad_scaler_sees_true_gradients(monkeypatch, optimizer, clip, fused):
+    """With a GradScaler, clipping inside ``step`` sees the unscaled gradients, fused optimizer or not, and the
+    step equals that of the same float16 model without scaling (with a fused optimizer, clipping used to see
+    the gradients multiplied by the loss scale)."""
+    cfg = _amp_cfg(optimizer, clip, fused)
+    recorder = ClipRecorder(monkeypatch)
+    reference, _ = _amp_step(cfg, torch.amp.GradScaler("cpu", enabled=False))
+    true_norms = list(recorder.norms)
+    recorder.norms.clear()
+    scaled, _ = _amp_step(cfg, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    assert true_norms and max(true_norms) > 0.1  # clipping acted
+    assert recorder.norms == pytest.approx(true_norms, rel=1e-3)
+    for a, b in zip(scaled.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert not torch.equal(scaled.head.weight, _Model().head.weight)  # the step changed the parameters
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("optimizer", ["ADAMW", "SGD"])
+def test_grad_scaler_skips_inf_step_without_touching_parameters_or_state(monkeypatch, optimizer, fused):
+    """A step whose scaled gradients overflow float16 changes nothing and clips nothing. Fused SGD would
+    otherwise have kept uninitialised momentum buffers, used at the next step."""
+    recorder = ClipRecorder(monkeypatch)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    model, optimizer = _amp_step(_amp_cfg(optimizer, "full_model", fused), scaler)
+    assert scaler.get_scale() == 2.0 ** 39  # the step was found to overflow
+    assert not recorder.norms and not optimizer.state
+    for a, b in zip(model.parameters(), _Model().parameters()):
+        assert torch.equal(a, b)

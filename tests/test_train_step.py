@@ -1,4 +1,5 @@
 """The training step: gradient accumulation equals one big batch; mixed precision trains without NaN."""
+import numpy as np
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
@@ -7,7 +8,7 @@ from d2_detr.engine import DetrTrainer, amp_dtype, micro_batch_size
 from d2_detr.modeling.criterion import SetCriterion
 
 from .conftest import TINY_CONFIG, load_config
-from .step_helpers import SGD_OPTS, assert_same_step, fixed_inputs, initial_params, one_step
+from .step_helpers import SGD_OPTS, ClipRecorder, assert_same_step, fixed_inputs, initial_params, one_step
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,32 @@ def test_accumulation_without_normaliser_averages_micro_batches(inputs, monkeypa
     opts = [*SGD_OPTS, "MODEL.DETR.DEEP_SUPERVISION", False]
     same_images = [inputs[:2], inputs[:2]]  # averaging two identical micro-batches = one of them
     assert_same_step(one_step(opts, same_images), one_step(opts, [inputs[:2]]), initial_params(opts))
+
+
+@pytest.mark.parametrize("clip, fused, num_micro_batches", [
+    ("full_model", True, 1), ("full_model", True, 2), ("full_model", False, 2),
+    ("norm", True, 2), ("norm", False, 2), ("value", True, 2), ("value", False, 2)])
+def test_float16_step_clips_true_gradients(inputs, monkeypatch, one_thread, clip, fused, num_micro_batches):
+    """With float16 and its gradient scaler, clipping sees the gradients' true norms and the step equals that of
+    the same model without loss scaling, fused optimizer or not, accumulating or not (with the fused optimizer,
+    clipping used to see the gradients multiplied by the loss scale)."""
+    opts = [*SGD_OPTS, "SOLVER.FUSED_OPTIMIZER", fused, "SOLVER.CLIP_GRADIENTS.ENABLED", True,
+            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip, "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 0.01]
+    micro_batches = [inputs] if num_micro_batches == 1 else [inputs[:2], inputs[2:]]
+    recorder = ClipRecorder(monkeypatch)
+    unscaled = one_step(opts, micro_batches, torch.float16, grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
+    true_norms = list(recorder.norms)
+    recorder.norms.clear()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 7)
+    scaled = one_step(opts, micro_batches, torch.float16, grad_scaler=scaler)
+    assert scaler.get_scale() == 2.0 ** 7  # no overflow: the step was taken
+    assert max(true_norms) > 1  # above CLIP_VALUE: clipping acted
+    assert recorder.norms == pytest.approx(true_norms, rel=1e-2, abs=1e-6)  # float16 rounding differs
+    initial = initial_params(opts)
+    moved = max((unscaled[k] - initial[k]).abs().max().item() for k in unscaled)
+    assert moved > 0
+    for name in unscaled:  # a scaled gradient would have been clipped to 1/128 of the true step
+        torch.testing.assert_close(scaled[name], unscaled[name], rtol=0, atol=0.1 * moved, msg=name)
 
 
 def test_ims_per_batch_is_the_optimizer_step_batch():
@@ -83,6 +110,26 @@ def _amp_steps(device: str, output_dir, num_steps: int = 3):
             storage.step()
     losses = [value for value, _ in storage.history("total_loss").values()]
     return trainer, losses, set(dtypes)
+
+
+def test_amp_float16_with_fused_sgd_trains_on_cpu(tmp_path, one_thread):
+    """float16 with the gradient scaler and the fused optimizer (the default): the first steps overflow and
+    are skipped while the scale settles, then training proceeds, with finite parameters. Fused SGD's first
+    skipped step used to leave uninitialised momentum buffers, and its clipping saw scaled gradients."""
+    cfg = load_config(TINY_CONFIG, "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.DTYPE", "float16",
+                      "SOLVER.OPTIMIZER", "SGD", "SOLVER.FUSED_OPTIMIZER", True, "OUTPUT_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    np.random.seed(0)  # the sampler's seed and the augmentations
+    trainer = DetrTrainer(cfg)
+    initial = [p.detach().clone() for p in trainer.model.parameters()]
+    scaler = trainer._trainer.grad_scaler
+    with EventStorage(0) as storage:
+        for trainer.iter in range(10):
+            trainer.run_step()
+            storage.step()
+    assert scaler is not None and scaler.get_scale() < 2.0 ** 16  # some steps were skipped
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), initial))  # others were taken
 
 
 def test_amp_bfloat16_trains_on_cpu(tmp_path):

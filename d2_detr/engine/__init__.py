@@ -2,7 +2,7 @@
 from .allocator import keep_freed_memory
 from .checkpointer import AtomicDetectionCheckpointer, atomic_write
 from .launch import launch
-from .optimizer import build_detr_optimizer, with_full_model_gradient_clipping
+from .optimizer import build_detr_optimizer, step_on_unscaled_gradients, with_full_model_gradient_clipping
 from .train_loop import AccumulatingTrainer, amp_dtype, create_ddp_model
 from .trainer import DetrTrainer, check_num_classes, micro_batch_size
 
@@ -18,5 +18,6 @@ __all__ = [
     "keep_freed_memory",
     "launch",
     "micro_batch_size",
+    "step_on_unscaled_gradients",
     "with_full_model_gradient_clipping",
 ]

@@ -11,6 +11,8 @@ from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .optimizer import step_on_unscaled_gradients
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["AccumulatingTrainer", "amp_dtype", "create_ddp_model"]
@@ -48,7 +50,9 @@ class AccumulatingTrainer(SimpleTrainer):
     * Under DistributedDataParallel, gradients are all-reduced once per step (``no_sync`` before).
     * Clipping (inside the optimizer's ``step``, see ``build_detr_optimizer``) and the LR scheduler (a hook,
       once per iteration) therefore act once per step, on the accumulated gradient.
-    * ``amp_dtype`` float16 uses a gradient scaler; bfloat16 needs none.
+    * ``amp_dtype`` float16 uses a gradient scaler (bfloat16 needs none): the accumulated gradients are
+      unscaled before the optimizer's ``step``, so clipping inside it sees true gradients, fused optimizer or
+      not, and a step whose gradients hold inf/NaN is skipped whole (the scaler then lowers its scale).
     The logged losses are those of the whole step (summed normalised shares, or the average).
     """
 
@@ -66,7 +70,10 @@ class AccumulatingTrainer(SimpleTrainer):
         self.accumulate_steps = accumulate_steps
         self.amp_dtype = amp_dtype
         self.device_type = next(model.parameters()).device.type
-        self.grad_scaler = torch.amp.GradScaler(self.device_type) if amp_dtype == torch.float16 else None
+        self.grad_scaler = None
+        if amp_dtype == torch.float16:
+            self.grad_scaler = torch.amp.GradScaler(self.device_type)
+            step_on_unscaled_gradients(optimizer)
         self._loss_normalizers = [m for m in model.modules() if callable(getattr(m, "normalize_over", None))]
         if accumulate_steps > 1 and not self._loss_normalizers:
             logger.warning("The model has no loss normaliser (normalize_over); the losses of the "
@@ -100,7 +107,8 @@ class AccumulatingTrainer(SimpleTrainer):
         if self.grad_scaler is None:
             self.optimizer.step()
         else:
-            self.grad_scaler.step(self.optimizer)  # unscales first, so clipping in step() sees true gradients
+            self.grad_scaler.unscale_(self.optimizer)  # clipping in step() needs the true gradients
+            self.grad_scaler.step(self.optimizer)  # not called when they hold inf/NaN
             self.grad_scaler.update()
 
     def _normalize_over(self, micro_batches: List[List[Dict]]) -> ContextManager:
