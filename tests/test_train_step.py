@@ -67,8 +67,24 @@ def test_ims_per_batch_is_the_optimizer_step_batch():
     cfg = load_config(TINY_CONFIG, "SOLVER.IMS_PER_BATCH", 8, "SOLVER.ACCUMULATE_STEPS", 4)
     assert micro_batch_size(cfg) == 2
     cfg = load_config(TINY_CONFIG, "SOLVER.IMS_PER_BATCH", 6, "SOLVER.ACCUMULATE_STEPS", 4)
-    with pytest.raises(ValueError, match="IMS_PER_BATCH=6 must be a multiple of SOLVER.ACCUMULATE_STEPS=4"):
+    with pytest.raises(ValueError, match=r"IMS_PER_BATCH=6 must be a positive multiple of "
+                                         r"SOLVER.ACCUMULATE_STEPS=4 x 1 processes = 4 .*e.g. 8"):
         micro_batch_size(cfg)
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_accumulate_steps_below_one_is_refused(steps, tmp_path):
+    cfg = load_config(TINY_CONFIG, "SOLVER.ACCUMULATE_STEPS", steps, "OUTPUT_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"SOLVER.ACCUMULATE_STEPS={steps} must be >= 1"):
+        DetrTrainer(cfg)
+
+
+@pytest.mark.parametrize("images", [0, -2])
+def test_ims_per_batch_below_one_is_refused(images, tmp_path):
+    cfg = load_config(TINY_CONFIG, "SOLVER.IMS_PER_BATCH", images, "OUTPUT_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"SOLVER.IMS_PER_BATCH={images} must be a positive multiple of "
+                                         r"SOLVER.ACCUMULATE_STEPS=1 x 1 processes = 1 .*e.g. 1"):
+        DetrTrainer(cfg)
 
 
 def test_amp_dtype_names():

@@ -44,9 +44,14 @@ def micro_batch_size(cfg: CfgNode) -> int:
     """Images of one forward/backward pass summed over processes: ``SOLVER.IMS_PER_BATCH`` (the images of one
     optimizer step) / ``SOLVER.ACCUMULATE_STEPS``. Each process gets this / world size."""
     total, steps, world = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ACCUMULATE_STEPS, comm.get_world_size()
-    if steps < 1 or total % (steps * world):
-        raise ValueError(f"SOLVER.IMS_PER_BATCH={total} must be a multiple of SOLVER.ACCUMULATE_STEPS={steps} "
-                         f"x {world} processes")
+    if steps < 1:
+        raise ValueError(f"SOLVER.ACCUMULATE_STEPS={steps} must be >= 1: the number of micro-batches whose "
+                         "gradients are accumulated into one optimizer step (1: no accumulation)")
+    if total < 1 or total % (steps * world):
+        multiple = steps * world
+        raise ValueError(f"SOLVER.IMS_PER_BATCH={total} must be a positive multiple of SOLVER.ACCUMULATE_STEPS="
+                         f"{steps} x {world} processes = {multiple} (it counts the images of one optimizer step, "
+                         f"over all processes and micro-batches), e.g. {max(1, -(-total // multiple)) * multiple}")
     return total // steps
 
 
@@ -65,6 +70,7 @@ class DetrTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called for d2
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        micro = micro_batch_size(cfg) // comm.get_world_size()  # checks the batch keys before any building
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -74,7 +80,6 @@ class DetrTrainer(DefaultTrainer):
         model = create_ddp_model(model)
         self._trainer = AccumulatingTrainer(model, data_loader, optimizer,
                                             accumulate_steps=cfg.SOLVER.ACCUMULATE_STEPS, amp_dtype=dtype)
-        micro = micro_batch_size(cfg) // comm.get_world_size()
         logger.info(f"{cfg.SOLVER.IMS_PER_BATCH} images per iteration (optimizer step) = {comm.get_world_size()} "
                     f"processes x {cfg.SOLVER.ACCUMULATE_STEPS} accumulated micro-batches x {micro} images; "
                     f"mixed precision: {dtype or 'off'}")
