@@ -1,5 +1,5 @@
-"""tools/export_model.py end to end, and the README's onnxruntime + numpy snippet (docs/export_onnxruntime.py) run on
-its output."""
+"""tools/export_model.py end to end, and the onnxruntime + numpy snippet of docs/export.md (docs/export_onnxruntime.py)
+run on its output."""
 import os
 import re
 import subprocess
@@ -65,12 +65,12 @@ def test_tool_errors_are_messages_not_tracebacks(tmp_path, weights):
     assert not os.listdir(tmp_path)
 
 
-def test_readme_snippet_runs_with_onnxruntime_and_numpy_only(exported):
+def test_docs_snippet_runs_with_onnxruntime_and_numpy_only(exported):
     out, _ = exported
     with open(SNIPPET) as f:
         snippet = f.read()
-    with open(os.path.join(REPO_DIR, "README.md")) as f:
-        assert snippet in f.read(), "README.md must show docs/export_onnxruntime.py exactly"
+    with open(os.path.join(REPO_DIR, "docs", "export.md")) as f:
+        assert snippet in f.read(), "docs/export.md must show docs/export_onnxruntime.py exactly"
     # Run it; afterwards neither torch nor any project package may have been imported.
     check = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
              "assert not {'torch', 'detectron2', 'd2_detr'} & set(sys.modules), sorted(sys.modules)")

@@ -8,7 +8,7 @@ Writes OUTPUT/model.onnx (``--format onnx``, opset ``--opset``, default 17) or O
 torchscript``, load it with ``torch.jit.load``). The graph takes ``images`` (B, 3, H, W) float32 pixels (0-255,
 INPUT.FORMAT channel order, zero-padded bottom/right to the largest image) and ``image_sizes`` (B, 2) int64, and
 returns ``boxes`` (B, N, 4) xyxy pixels, ``scores`` (B, N), ``labels`` (B, N) and with MODEL.MASK_ON ``masks``
-(B, N, H, W) bool; see README.md ("Export"). The model is exported on the CPU. Afterwards the exported file and
+(B, N, H, W) bool; see docs/export.md. The model is exported on the CPU. Afterwards the exported file and
 the PyTorch model are run on a padded batch of two random images at the test size (INPUT.MIN_SIZE_TEST /
 MAX_SIZE_TEST) and must agree within ``--atol``. Config overrides (KEY VALUE) go at the end, as in
 tools/train_net.py. Exits with status 1 and a message, not a traceback, when the config, the checkpoint or the
