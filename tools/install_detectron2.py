@@ -17,7 +17,9 @@ pure-Python module that reports the missing compiled ops and raises a clear erro
 uses none of them: deformable conv, rotated boxes/ROIAlign, the C++ COCOeval); replace the numpy aliases
 removed in numpy 1.24 (``np.int`` ...) by the builtins they always meant; ``Image.LINEAR`` (removed in
 Pillow 10) by ``Image.BILINEAR`` (the same constant); ``pkg_resources`` (gone from setuptools 81) by
-``importlib.resources`` in the model zoo.
+``importlib.resources`` in the model zoo; import the caffe2 exporter (``detectron2.export.api``, which needs the
+``caffe2`` package that torch 2 no longer ships) only when caffe2 is importable, as detectron2's main branch does,
+so that ``detectron2.export`` and with it ``detectron2.utils.analysis`` (FLOP and parameter counts) import.
 """
 import argparse
 import hashlib
@@ -28,7 +30,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Sequence
 
 SOURCE_RELEASE = "pb1-detectron2==0.6"
 SOURCE_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
@@ -62,6 +64,16 @@ def __getattr__(name):
 '''
 
 
+# detectron2/export/__init__.py: the caffe2 exporter only where caffe2 is importable (as on detectron2's main branch).
+CAFFE2_OPTIONAL_IMPORT = """try:
+    from caffe2.proto import caffe2_pb2 as _tmp  # caffe2 is optional: torch 2 no longer ships it
+except ImportError:
+    pass
+else:
+    from .api import *
+"""
+
+
 class Edit(NamedTuple):
     """A regex substitution applied to files matching ``glob`` under the unpacked release."""
 
@@ -85,6 +97,8 @@ EDITS: List[Edit] = [
          r'pkg_resources\.resource_filename\(\s*"detectron2\.model_zoo", os\.path\.join\("configs", config_path\)\s*\)',
          'str(importlib.resources.files("detectron2.model_zoo").joinpath("configs", config_path))', 1,
          "same as above"),
+    Edit("detectron2/export/__init__.py", r"^from \.api import \*$", CAFFE2_OPTIONAL_IMPORT, 1,
+         "torch 2 no longer ships caffe2; detectron2's main branch imports its caffe2 exporter only when it is there"),
 ]
 
 
@@ -107,8 +121,9 @@ def download(dest: Path) -> Path:
     return archive
 
 
-def apply_edits(tree: Path) -> None:
-    for edit in EDITS:
+def apply_edits(tree: Path, edits: Sequence[Edit] = EDITS) -> None:
+    """Apply ``edits`` to the unpacked release ``tree``; abort if one matches other than ``edit.count`` times."""
+    for edit in edits:
         done = 0
         for path in sorted(tree.glob(edit.glob)):
             text = path.read_text()
@@ -120,6 +135,9 @@ def apply_edits(tree: Path) -> None:
             raise SystemExit(f"edit {edit.pattern!r} on {edit.glob} matched {done} times, expected {edit.count}; "
                              "the source release is not the one this script knows. Aborting.")
         print(f"  edited {edit.glob}: {done} x ({edit.why})")
+
+
+def add_compiled_ops_standin(tree: Path) -> None:
     (tree / "detectron2" / "_C.py").write_text(COMPILED_OPS_STANDIN)
     print("  added detectron2/_C.py (reports the missing compiled ops)")
 
@@ -141,6 +159,7 @@ def main() -> None:
         tree = next(p for p in tmp_path.iterdir() if p.is_dir())
         print(f"Editing {tree.name} for this environment:")
         apply_edits(tree)
+        add_compiled_ops_standin(tree)
         print("Installing detectron2 (no compiled ops) ...")
         pip("install", "-q", "--no-build-isolation", str(tree))
     print("detectron2 installed.")
