@@ -2,9 +2,10 @@
 
 Importing the package registers ``Detr`` in Detectron2's META_ARCH_REGISTRY, DETR's parts in their own
 registries (d2_detr.modeling.registry), ``build_detr_resnet_backbone`` in BACKBONE_REGISTRY, and the
-built-in synthetic datasets in DatasetCatalog.
+built-in synthetic datasets in DatasetCatalog, and ``torchvision://`` weights paths (d2_detr.checkpoint) on
+Detectron2's PathManager.
 """
-from . import data, modeling  # noqa: F401  (registers components and datasets)
+from . import checkpoint, data, modeling  # noqa: F401  (registers components, datasets and weights paths)
 from .config import add_detr_config
 
 __version__ = "0.1.0"
