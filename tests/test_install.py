@@ -188,3 +188,23 @@ def test_coco_evaluator_known_ap(tmp_path, found, expected_ap):
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(expected_ap, abs=1e-3)
     assert results["bbox"]["AP75"] == pytest.approx(expected_ap, abs=1e-3)
+
+
+def test_installer_reinstalls_its_own_detectron2_when_its_edits_changed(tmp_path):
+    """An environment set up before an edit was added gets it on the next run (tools/setup_env.sh re-runs the
+    installer when the installer changes); an official build, or one installed with today's edits, is left alone."""
+    installer = _installer()
+    tree = tmp_path / "release"
+    (tree / "detectron2").mkdir(parents=True)
+    installer.add_compiled_ops_standin(tree)
+    assert not installer.installed_with_other_edits(tree / "detectron2")
+    standin = tree / "detectron2" / "_C.py"
+    older = "\n".join(line for line in standin.read_text().splitlines() if not line.startswith("INSTALLED_EDITS"))
+    standin.write_text(older)  # as written before the installer recorded its edits
+    assert installer.installed_with_other_edits(tree / "detectron2")
+    standin.write_text(standin.read_text().replace("COMPILED = False", 'COMPILED = False\nINSTALLED_EDITS = "0123"'))
+    assert installer.installed_with_other_edits(tree / "detectron2")
+    official = tmp_path / "official" / "detectron2"
+    official.mkdir(parents=True)
+    (official / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert not installer.installed_with_other_edits(official)

@@ -5,7 +5,9 @@ Detectron2 is not on the registry under its own name. ``pb1-detectron2==0.6`` is
 ``detectron2/*.py`` files are byte-identical to detectron2's official v0.6, but it lacks the C++/CUDA sources
 (``detectron2/layers/csrc``), so a plain ``pip install`` fails compiling ``detectron2._C``. This script:
 
-1. does nothing if ``import detectron2`` already works (an official build, any version, stays untouched);
+1. does nothing if ``import detectron2`` already works (an official build, any version, stays untouched),
+   unless that detectron2 was installed by this script with another set of edits (its ``detectron2/_C.py``
+   records them): then it is installed again, so an environment picks up a new edit;
 2. downloads the source release (``pip download --no-binary --no-build-isolation``; its setup.py imports
    torch) and checks its SHA-256, so a changed upload fails loudly instead of installing something else;
 3. applies the small, fixed set of edits listed in ``EDITS`` below, each counted (an edit that does not
@@ -106,6 +108,22 @@ def detectron2_importable() -> bool:
     return importlib.util.find_spec("detectron2") is not None
 
 
+def edits_digest() -> str:
+    """A digest of ``EDITS``, recorded in the installed ``detectron2/_C.py``."""
+    text = repr([(e.glob, e.pattern, e.replacement, e.count) for e in EDITS])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def installed_with_other_edits(package_dir: Path) -> bool:
+    """Whether the detectron2 package at ``package_dir`` was installed by this script with a set of edits other
+    than ``EDITS`` (False for any other detectron2, e.g. an official build with its compiled ``_C``)."""
+    standin = package_dir / "_C.py"
+    if not standin.is_file() or "tools/install_detectron2.py" not in standin.read_text():
+        return False
+    recorded = re.search(r'^INSTALLED_EDITS = "(\w+)"', standin.read_text(), flags=re.MULTILINE)
+    return recorded is None or recorded.group(1) != edits_digest()
+
+
 def pip(*args: str) -> None:
     subprocess.check_call([sys.executable, "-m", "pip", *args])
 
@@ -138,7 +156,8 @@ def apply_edits(tree: Path, edits: Sequence[Edit] = EDITS) -> None:
 
 
 def add_compiled_ops_standin(tree: Path) -> None:
-    (tree / "detectron2" / "_C.py").write_text(COMPILED_OPS_STANDIN)
+    marker = f'COMPILED = False\nINSTALLED_EDITS = "{edits_digest()}"  # the installer\'s edits (a digest)'
+    (tree / "detectron2" / "_C.py").write_text(COMPILED_OPS_STANDIN.replace("COMPILED = False", marker, 1))
     print("  added detectron2/_C.py (reports the missing compiled ops)")
 
 
@@ -146,10 +165,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--force", action="store_true", help="install even if detectron2 is importable")
     args = parser.parse_args()
-    if detectron2_importable() and not args.force:
-        spec = importlib.util.find_spec("detectron2")
-        print(f"detectron2 is already importable ({Path(spec.origin).parent}); leaving it untouched.")
-        return
+    reinstall = detectron2_importable()  # replace the installed files, keep its dependencies
+    if reinstall and not args.force:
+        package_dir = Path(importlib.util.find_spec("detectron2").origin).parent
+        if not installed_with_other_edits(package_dir):
+            print(f"detectron2 is already importable ({package_dir}); leaving it untouched.")
+            return
+        print(f"detectron2 at {package_dir} was installed by this script with other edits; installing it again.")
     with tempfile.TemporaryDirectory(prefix="d2_detr_install_") as tmp:
         tmp_path = Path(tmp)
         print(f"Downloading {SOURCE_RELEASE} (source release) ...")
@@ -161,7 +183,8 @@ def main() -> None:
         apply_edits(tree)
         add_compiled_ops_standin(tree)
         print("Installing detectron2 (no compiled ops) ...")
-        pip("install", "-q", "--no-build-isolation", str(tree))
+        pip("install", "-q", "--no-build-isolation", *(["--force-reinstall", "--no-deps"] if reinstall else []),
+            str(tree))
     print("detectron2 installed.")
 
 
