@@ -5,8 +5,12 @@ registries (d2_detr.modeling.registry), ``build_detr_resnet_backbone`` in BACKBO
 built-in synthetic datasets in DatasetCatalog, and ``torchvision://`` weights paths (d2_detr.checkpoint) on
 Detectron2's PathManager.
 """
-from . import checkpoint, data, modeling  # noqa: F401  (registers components, datasets and weights paths)
-from .config import add_detr_config
+from .env import check_torch_version
+
+check_torch_version()  # before anything below uses a newer torch's API
+
+from . import checkpoint, data, modeling  # noqa: E402, F401  (registers components, datasets and weights paths)
+from .config import add_detr_config  # noqa: E402
 
 __version__ = "0.1.0"
 
