@@ -22,8 +22,8 @@ def test_supported_torch_versions_pass(version):
 @pytest.mark.parametrize("version", ["2.4.1", "2.4.0+cpu", "1.13.1", "1.10.0", "unknown"])
 def test_older_torch_is_refused_with_what_to_install(version):
     minimum = ".".join(map(str, MIN_TORCH))
-    with pytest.raises(ImportError, match=rf"needs torch >= {minimum}, found torch {re.escape(version)}.*pip install -U "
-                                          rf"'torch>={minimum}' 'torchvision>="):
+    expected = rf"needs torch >= {minimum}, found torch {re.escape(version)}.*pip install -U 'torch>={minimum}' "
+    with pytest.raises(ImportError, match=expected + "'torchvision>="):
         check_torch_version(version)
 
 
@@ -36,7 +36,8 @@ def test_import_checks_the_torch_version():
 
 def _setup_py_call() -> ast.Call:
     tree = ast.parse(open(os.path.join(REPO_DIR, "setup.py")).read())
-    return next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    calls = (node for node in ast.walk(tree) if isinstance(node, ast.Call))
+    return next(call for call in calls if getattr(call.func, "id", "") == "setup")
 
 
 def test_setup_py_states_the_minimum_torch_and_the_extras():
@@ -74,7 +75,8 @@ def test_onnx_export_without_the_extra_fails_before_tracing(monkeypatch, tmp_pat
 
 def test_export_tool_without_the_extra_says_which_extra(tmp_path):
     code = ("import runpy, sys; sys.modules['onnxruntime'] = None; "
-            "sys.argv = ['export_model.py', '--config-file', sys.argv[1], '--format', 'onnx', '--output', sys.argv[2]]; "
+            "sys.argv = ['export_model.py', '--config-file', sys.argv[1], '--format', 'onnx', "
+            "'--output', sys.argv[2]]; "
             "runpy.run_path('tools/export_model.py', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", code, os.path.join(TESTS_DIR, "configs", "tiny.yaml"),
                              str(tmp_path / "out")], cwd=REPO_DIR, capture_output=True, text=True, timeout=300)

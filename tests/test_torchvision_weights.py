@@ -49,7 +49,7 @@ def test_paths_name_torchvisions_published_files():
     assert v2.url == torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url
     with pytest.raises(ValueError, match=r"torchvision's ResNets \(resnet18, .*resnet152\).*got 'vgg16'"):
         parse_torchvision_path("torchvision://vgg16")
-    with pytest.raises(ValueError, match=r"no weights 'IMAGENET1K_V9' for resnet50; it has IMAGENET1K_V1, IMAGENET1K_V2"):
+    with pytest.raises(ValueError, match=r"no weights 'IMAGENET1K_V9' for resnet50; it has IMAGENET1K_V1, IMAGENET1K"):
         parse_torchvision_path("torchvision://resnet50/IMAGENET1K_V9")
 
 
