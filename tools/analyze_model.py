@@ -10,9 +10,10 @@ Detectron2's tools/analyze_model.py for d2_detr's configs: ``--tasks`` any of fl
 structure; config overrides (KEY VALUE) at the end. FLOPs follow fvcore and the DETR paper (one multiply-add is one
 flop; elementwise work is not counted; attention counts as its two matrix products, see d2_detr.utils.analysis).
 The flop and activation tasks run the model on ``-n`` inputs: images of ``--input-size H W`` with random pixels
-(no dataset needed), or without it the first ``-n`` images of DATASETS.TEST[0] as evaluation sees them (resized
-to INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST). DETR's FLOPs depend on the image size only, not on the pixels nor on
-the weights (fixed number of queries, no NMS): MODEL.WEIGHTS is loaded when set, and MODEL.WEIGHTS "" skips it.
+(no dataset needed; default 1), or without it the first ``-n`` images of DATASETS.TEST[0] as evaluation sees them
+(resized to INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST; default 100). DETR's FLOPs depend on the image size only, not
+on the pixels nor on the weights (fixed number of queries, no NMS): MODEL.WEIGHTS is loaded when set, and
+MODEL.WEIGHTS "" skips it.
 """
 import argparse
 import itertools
@@ -47,8 +48,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to the config file")
     parser.add_argument("--tasks", choices=TASKS, required=True, nargs="+", help="what to report")
-    parser.add_argument("-n", "--num-inputs", default=100, type=int,
-                        help="number of inputs the flop and activation counts average over (default 100)")
+    parser.add_argument("-n", "--num-inputs", type=int,
+                        help="number of inputs the flop and activation counts average over (default: 100 images of "
+                             "the dataset, or 1 synthetic image, DETR's counts depending on the size only)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
                         help="count on images of this size with random pixels instead of DATASETS.TEST[0]")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
@@ -151,6 +153,8 @@ def do_structure(cfg: CfgNode, args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
+    if args.num_inputs is None:
+        args.num_inputs = 1 if args.input_size else 100
     setup_logger(name="fvcore")
     setup_logger(name="d2_detr")
     setup_logger(name="detectron2")
@@ -159,6 +163,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = setup_cfg(args.config_file, list(args.opts))
     except (OSError, KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, bad value, odd KEY VALUE list
         sys.exit(f"analyze_model.py: error: config {args.config_file!r} with overrides {args.opts}: {e}")
+    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"analyze_model.py: error: MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available here; "
+                 "pass MODEL.DEVICE cpu (the counts do not depend on the device).")
     with warnings.catch_warnings():
         # Tracing through Detectron2's structures (Boxes, Instances) turns sizes into constants of the trace; the
         # counts are for the traced input size, which is what is asked for.
