@@ -1,6 +1,6 @@
 """Tests of the checkpoint converters (d2_detr.checkpoint) and their command-line tools.
 
-``ReferenceDetr`` below is written from the project's DETR facts with the ORIGINAL implementation's
+``ReferenceDetr`` below is written from the DETR paper's description with the ORIGINAL implementation's
 parameter names (torchvision ResNet with frozen BatchNorm under ``backbone.0.body``, ``transformer.*``, heads):
 its state dict stands in for an original facebookresearch/detr checkpoint.
 """

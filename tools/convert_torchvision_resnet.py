@@ -3,6 +3,9 @@
 
     python tools/convert_torchvision_resnet.py --input resnet50-0676ba61.pth --output r50.pth
     python tools/train_net.py --config-file configs/detr_r50.yaml MODEL.WEIGHTS r50.pth
+
+Where torchvision's published files can be downloaded, ``MODEL.WEIGHTS torchvision://resnet50`` (or resnet101, ...)
+does the same on the fly (d2_detr.checkpoint.torchvision_weights); this tool is for a file at hand.
 """
 import argparse
 import logging

@@ -23,6 +23,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.utils.logger import setup_logger
 
 from d2_detr import add_detr_config
+from d2_detr.env import MissingExtraError, require_extra
 from d2_detr.export import (
     EXPORT_FORMATS,
     MIN_ONNX_OPSET,
@@ -78,13 +79,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, bad value, odd KEY VALUE list
         sys.exit(f"export_model.py: error: config {args.config_file!r} with overrides {args.opts}: {e}")
     try:
+        if args.format == "onnx":
+            require_extra("export", "ONNX export and its verification")  # before loading and tracing the model
         check_exportable_config(cfg)
         model = load_inference_model(cfg)
         path = export_model(model, args.format, args.output, opset=args.opset)
         generator = torch.Generator().manual_seed(0)
         images = [torch.rand(3, h, w, generator=generator) * 255 for h, w in verification_sizes(cfg)]
         verify_export(model, path, images, atol=args.atol)
-    except (InputError, ExportError) as e:
+    except (InputError, ExportError, MissingExtraError) as e:
         sys.exit(f"export_model.py: error: {e}")
     logger.info("Wrote %s", path)
     return 0

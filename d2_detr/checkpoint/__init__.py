@@ -1,4 +1,7 @@
-"""Checkpoint conversion: original DETR and torchvision ResNet weights to d2_detr's names."""
+"""Checkpoint conversion: original DETR and torchvision ResNet weights to d2_detr's names; ``torchvision://`` weights
+paths (registered on Detectron2's PathManager on import)."""
+from detectron2.utils.file_io import PathManager
+
 from .convert import (
     COCO_NO_OBJECT_ROW,
     COCO_PANOPTIC_NO_OBJECT_ROW,
@@ -10,6 +13,7 @@ from .convert import (
     resnet_depth,
     save_converted_checkpoint,
 )
+from .torchvision_weights import TorchvisionHandler, parse_torchvision_path, resolve_torchvision_weights
 
 __all__ = [
     "COCO_NO_OBJECT_ROW",
@@ -20,5 +24,10 @@ __all__ = [
     "convert_torchvision_resnet_state_dict",
     "load_state_dict_file",
     "resnet_depth",
+    "parse_torchvision_path",
+    "resolve_torchvision_weights",
     "save_converted_checkpoint",
+    "TorchvisionHandler",
 ]
+
+PathManager.register_handler(TorchvisionHandler())

@@ -15,14 +15,14 @@ from detectron2.utils.logger import setup_logger
 from ..data.build import build_batched_test_loader
 from ..data.dataset_mapper import DetrDatasetMapper
 from ..data.synthetic import ensure_all_generated
-from ..env import detectron2_has_compiled_ops
+from ..env import detectron2_has_compiled_ops, require_extra
 from .checkpointer import AtomicDetectionCheckpointer
 from .optimizer import build_detr_optimizer
 from .train_loop import AccumulatingTrainer, amp_dtype, create_ddp_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetrTrainer", "check_num_classes", "micro_batch_size"]
+__all__ = ["DetrTrainer", "check_evaluation_dependencies", "check_num_classes", "micro_batch_size"]
 
 # Detectron2 v0.6's DefaultTrainer leaves the optimizer (and AMP grad scaler) out of its checkpoints, so
 # --resume restarted AdamW from scratch; later versions save them under "_trainer".
@@ -38,6 +38,24 @@ def check_num_classes(cfg) -> None:
             raise ValueError(
                 f"MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}, but dataset {name!r} has "
                 f"{len(classes)} thing_classes; set MODEL.DETR.NUM_CLASSES {len(classes)}.")
+
+
+def _panoptic_evaluation(cfg: CfgNode, dataset_name: str) -> bool:
+    """Whether ``dataset_name`` is evaluated by panoptic quality (``COCOPanopticEvaluator``)."""
+    return (MetadataCatalog.get(dataset_name).get("evaluator_type") == "coco_panoptic_seg"
+            and cfg.MODEL.MASK_ON and cfg.MODEL.DETR.PANOPTIC_ON)
+
+
+def _require_panoptic_extra(dataset_name: str) -> None:
+    require_extra("panoptic", f"Panoptic quality evaluation of {dataset_name!r} (COCOPanopticEvaluator)")
+
+
+def check_evaluation_dependencies(cfg: CfgNode) -> None:
+    """Fail at start-up, not after training, when evaluating a dataset of DATASETS.TEST needs an extra that is not
+    installed (panoptic quality: d2-detr's "panoptic" extra)."""
+    for name in cfg.DATASETS.TEST:
+        if _panoptic_evaluation(cfg, name):
+            _require_panoptic_extra(name)
 
 
 def micro_batch_size(cfg: CfgNode) -> int:
@@ -71,6 +89,7 @@ class DetrTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         micro = micro_batch_size(cfg) // comm.get_world_size()  # checks the batch keys before any building
+        check_evaluation_dependencies(cfg)
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -138,6 +157,7 @@ class DetrTrainer(DefaultTrainer):
                            "and MODEL.DETR.PANOPTIC_ON True; not evaluated")
                 logger.warning(message)
                 raise NotImplementedError(message)  # DefaultTrainer.test skips the dataset
+            _require_panoptic_extra(dataset_name)
             return COCOPanopticEvaluator(dataset_name, output_dir=output_folder)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,

@@ -1,1 +1,2 @@
-"""Utilities around a trained DETR: inference on image files and visualisation (``d2_detr.utils.visualize``)."""
+"""Utilities around a DETR: inference on image files and visualisation (``d2_detr.utils.visualize``), FLOP counts
+with Detectron2's analysis tools (``d2_detr.utils.analysis``)."""
