@@ -2,6 +2,8 @@
 from .convert import (
     COCO_NO_OBJECT_ROW,
     COCO_PANOPTIC_NO_OBJECT_ROW,
+    DETR_CHECKPOINT_DESCRIPTION,
+    TORCHVISION_RESNET_DESCRIPTION,
     coco_class_head_rows,
     coco_panoptic_class_head_rows,
     convert_detr_state_dict,
@@ -14,6 +16,8 @@ from .convert import (
 __all__ = [
     "COCO_NO_OBJECT_ROW",
     "COCO_PANOPTIC_NO_OBJECT_ROW",
+    "DETR_CHECKPOINT_DESCRIPTION",
+    "TORCHVISION_RESNET_DESCRIPTION",
     "coco_class_head_rows",
     "coco_panoptic_class_head_rows",
     "convert_detr_state_dict",
