@@ -13,6 +13,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.build import build_batched_test_loader
+from ..data.categories import dataset_thing_classes
 from ..data.dataset_mapper import DetrDatasetMapper
 from ..data.synthetic import ensure_all_generated
 from ..env import detectron2_has_compiled_ops
@@ -31,13 +32,16 @@ _BASE_SAVES_TRAINER_STATE = "load_state_dict" in vars(DefaultTrainer)
 
 def check_num_classes(cfg) -> None:
     """Fail at start-up, not with a silently wrong head, when MODEL.DETR.NUM_CLASSES disagrees with the
-    ``thing_classes`` of a registered dataset the config uses."""
+    ``thing_classes`` of a registered dataset the config uses (for a dataset registered with
+    ``register_coco_instances``, the categories of its json file)."""
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
-        classes = MetadataCatalog.get(name).get("thing_classes")
+        classes = dataset_thing_classes(name)
         if classes is not None and len(classes) != cfg.MODEL.DETR.NUM_CLASSES:
+            metadata = MetadataCatalog.get(name)
+            source = "its metadata" if metadata.get("thing_classes") else f"the categories of {metadata.json_file}"
             raise ValueError(
                 f"MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}, but dataset {name!r} has "
-                f"{len(classes)} thing_classes; set MODEL.DETR.NUM_CLASSES {len(classes)}.")
+                f"{len(classes)} thing_classes (from {source}); set MODEL.DETR.NUM_CLASSES {len(classes)}.")
 
 
 def micro_batch_size(cfg: CfgNode) -> int:
