@@ -12,6 +12,7 @@ import logging
 import sys
 
 from d2_detr.checkpoint import (
+    TORCHVISION_RESNET_DESCRIPTION,
     convert_torchvision_resnet_state_dict,
     load_state_dict_file,
     resnet_depth,
@@ -27,10 +28,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
-        converted = convert_torchvision_resnet_state_dict(load_state_dict_file(args.input))
-        save_converted_checkpoint(converted, args.output)
-    except ValueError as e:
+        state_dict = load_state_dict_file(args.input, expected=TORCHVISION_RESNET_DESCRIPTION)
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    try:
+        converted = convert_torchvision_resnet_state_dict(state_dict)
+    except ValueError as e:
+        sys.exit(f"error: {args.input}: {e}\nExpected {TORCHVISION_RESNET_DESCRIPTION}.")
+    try:
+        save_converted_checkpoint(converted, args.output)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot write {args.output}: {e}")
     depth = resnet_depth(converted)
     config = f"configs/detr_r{depth}.yaml" if depth in (50, 101) else "CONFIG"
     print(f"Wrote {args.output} (ResNet-{depth} backbone). Use it as MODEL.WEIGHTS with a ResNet-{depth} config:\n"

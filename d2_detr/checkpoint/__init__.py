@@ -5,6 +5,8 @@ from detectron2.utils.file_io import PathManager
 from .convert import (
     COCO_NO_OBJECT_ROW,
     COCO_PANOPTIC_NO_OBJECT_ROW,
+    DETR_CHECKPOINT_DESCRIPTION,
+    TORCHVISION_RESNET_DESCRIPTION,
     coco_class_head_rows,
     coco_panoptic_class_head_rows,
     convert_detr_state_dict,
@@ -18,6 +20,8 @@ from .torchvision_weights import TorchvisionHandler, parse_torchvision_path, res
 __all__ = [
     "COCO_NO_OBJECT_ROW",
     "COCO_PANOPTIC_NO_OBJECT_ROW",
+    "DETR_CHECKPOINT_DESCRIPTION",
+    "TORCHVISION_RESNET_DESCRIPTION",
     "coco_class_head_rows",
     "coco_panoptic_class_head_rows",
     "convert_detr_state_dict",

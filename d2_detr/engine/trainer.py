@@ -5,7 +5,7 @@ import os
 import weakref
 
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator
 from detectron2.modeling import build_model
@@ -13,6 +13,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.build import build_batched_test_loader
+from ..data.categories import dataset_thing_classes
+from ..data.check import check_before_training
 from ..data.dataset_mapper import DetrDatasetMapper
 from ..data.synthetic import ensure_all_generated
 from ..env import detectron2_has_compiled_ops, require_extra
@@ -31,13 +33,16 @@ _BASE_SAVES_TRAINER_STATE = "load_state_dict" in vars(DefaultTrainer)
 
 def check_num_classes(cfg) -> None:
     """Fail at start-up, not with a silently wrong head, when MODEL.DETR.NUM_CLASSES disagrees with the
-    ``thing_classes`` of a registered dataset the config uses."""
+    ``thing_classes`` of a registered dataset the config uses (for a dataset registered with
+    ``register_coco_instances``, the categories of its json file)."""
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
-        classes = MetadataCatalog.get(name).get("thing_classes")
+        classes = dataset_thing_classes(name)
         if classes is not None and len(classes) != cfg.MODEL.DETR.NUM_CLASSES:
+            metadata = MetadataCatalog.get(name)
+            source = "its metadata" if metadata.get("thing_classes") else f"the categories of {metadata.json_file}"
             raise ValueError(
                 f"MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}, but dataset {name!r} has "
-                f"{len(classes)} thing_classes; set MODEL.DETR.NUM_CLASSES {len(classes)}.")
+                f"{len(classes)} thing_classes (from {source}); set MODEL.DETR.NUM_CLASSES {len(classes)}.")
 
 
 def _panoptic_evaluation(cfg: CfgNode, dataset_name: str) -> bool:
@@ -135,9 +140,14 @@ class DetrTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Micro-batches of ``micro_batch_size(cfg) / world size`` images per process."""
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True),
-                                            total_batch_size=micro_batch_size(cfg))
+        """Micro-batches of ``micro_batch_size(cfg) / world size`` images per process, after the datasets' check
+        of ``DATASETS.CHECK_BEFORE_TRAINING``."""
+        batch_size = micro_batch_size(cfg)
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN,
+                                              filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        check_before_training(cfg, dataset)
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=DetrDatasetMapper(cfg, is_train=True),
+                                            total_batch_size=batch_size)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
