@@ -66,8 +66,8 @@ def test_signal_to_launcher_stops_workers(tmp_path, sent, rank1_ignores_sigint, 
     folder = tmp_path / "markers"
     folder.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_DIR, PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, str(script), str(folder), str(int(rank1_ignores_sigint)), str(stop_timeout)],
-                            env=env, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    command = [sys.executable, str(script), str(folder), str(int(rank1_ignores_sigint)), str(stop_timeout)]
+    proc = subprocess.Popen(command, env=env, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         pids = _started_workers(folder, proc)

@@ -121,7 +121,8 @@ def _stop_workers(processes: List[mp.Process], received: str, stop_timeout: floa
     """Send SIGINT to the live worker processes, wait up to ``stop_timeout`` seconds for them, kill the rest (at
     once if another signal interrupts the wait)."""
     alive = [p for p in processes if p.is_alive()]
-    logger.warning(f"{received} received: stopping the {len(alive)} running worker process(es) {[p.pid for p in alive]}")
+    logger.warning(f"{received} received: stopping the {len(alive)} running worker process(es) "
+                   f"{[p.pid for p in alive]}")
     for process in alive:
         os.kill(process.pid, signal.SIGINT)
     deadline = time.monotonic() + stop_timeout
