@@ -177,8 +177,8 @@ def test_training_from_missing_weights_names_the_file(tmp_path):
 
 
 def test_resume_past_a_truncated_last_checkpoint(trained, tmp_path):
-    """The last checkpoint (model_final.pth) is cut short: --resume warns, naming it, and continues from
-    model_0000003.pth, the newest complete one."""
+    """The last checkpoint (model_final.pth) is cut short: --resume warns, naming it, and uses
+    model_0000003.pth, the newest complete one, to evaluate (--eval-only) or to continue training."""
     out, _ = trained
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -186,6 +186,11 @@ def test_resume_past_a_truncated_last_checkpoint(trained, tmp_path):
         os.link(out / name, resumed / name)
     data = (out / "model_final.pth").read_bytes()
     (resumed / "model_final.pth").write_bytes(data[: len(data) // 2])
+    proc = train_net("--eval-only", "--resume", "OUTPUT_DIR", resumed)
+    log = proc.stdout + proc.stderr
+    assert f"Resumed from {resumed / 'model_0000003.pth'} instead of the last checkpoint" in log
+    assert f"Loaded {resumed / 'model_0000003.pth'}" in log and "Evaluation results for bbox" in log
+
     proc = train_net("--resume", "OUTPUT_DIR", resumed, "SOLVER.MAX_ITER", 5, "DATASETS.TEST", "()")
     log = proc.stdout + proc.stderr
     assert f"Resumed from {resumed / 'model_0000003.pth'} instead of the last checkpoint" in log

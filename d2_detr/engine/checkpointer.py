@@ -11,14 +11,15 @@ from ..checkpoint.loading import CheckedCheckpointer, UnreadableCheckpointError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AtomicDetectionCheckpointer", "atomic_write", "checkpoint_files"]
+__all__ = ["AtomicDetectionCheckpointer", "RESUME_SOURCE", "atomic_write", "checkpoint_files"]
 
 # Temporary files: ".<final name>.<pid>.tmp" next to the final file. The name never ends in ".pth", so
 # Checkpointer.get_all_checkpoint_files and last_checkpoint never take one for a checkpoint.
 _TEMPORARY_NAME = re.compile(r"^\.(.+\.pth|last_checkpoint)\.\d+\.tmp$")
 # Periodic checkpoints of Detectron2's PeriodicCheckpointer: "model_<iteration, 7 digits>.pth".
 _PERIODIC_NAME = re.compile(r"^model_(\d+)\.pth$")
-_RESUME_SOURCE = "--resume: the last checkpoint of OUTPUT_DIR"
+#: Where a checkpoint loaded by --resume comes from, in error messages.
+RESUME_SOURCE = "--resume: the last checkpoint of OUTPUT_DIR"
 
 
 def checkpoint_files(directory: str) -> List[str]:
@@ -85,7 +86,7 @@ class AtomicDetectionCheckpointer(CheckedCheckpointer):
         """
         if load is None:
             def load(path: str) -> Any:
-                return self.load(path, source=_RESUME_SOURCE)
+                return self.load(path, source=RESUME_SOURCE)
         failures = []
         for path in self._resume_candidates():
             try:

@@ -22,7 +22,7 @@ from torch import nn
 from ..checkpoint.loading import CheckpointError, load_inference_weights
 from ..config import add_detr_config
 from .allocator import keep_freed_memory
-from .checkpointer import AtomicDetectionCheckpointer, checkpoint_files
+from .checkpointer import RESUME_SOURCE, AtomicDetectionCheckpointer, checkpoint_files
 from .launch import launch
 from .trainer import DetrTrainer
 
@@ -87,8 +87,7 @@ def _load_evaluation_weights(cfg: CfgNode, model: nn.Module, resume: bool) -> No
     (Detectron2's choice), loaded strictly unless ``TEST.STRICT_WEIGHTS`` is False."""
     checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=False)
     if resume and checkpointer.has_checkpoint():
-        checkpointer.load_last_complete(lambda path: load_inference_weights(
-            model, cfg, path, source="--resume: the last checkpoint of OUTPUT_DIR"))
+        checkpointer.load_last_complete(lambda path: load_inference_weights(model, cfg, path, source=RESUME_SOURCE))
     else:
         load_inference_weights(model, cfg)
 
