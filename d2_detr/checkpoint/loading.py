@@ -17,8 +17,8 @@ import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from detectron2.checkpoint import DetectionCheckpointer
-from fvcore.common.checkpoint import Checkpointer
 from detectron2.config import CfgNode
+from fvcore.common.checkpoint import Checkpointer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
