@@ -130,6 +130,11 @@ def add_detr_config(cfg: CN) -> None:
     cfg.INPUT.CROP.MIN_SIZE_BEFORE_CROP = (400, 500, 600)
     # Images per batch at inference (Detectron2 v0.6 always uses 1); AP does not depend on it.
     cfg.TEST.IMS_PER_BATCH = 1
+    # Evaluation and inference (--eval-only, tools/demo.py, tools/export_model.py) refuse MODEL.WEIGHTS unless
+    # it holds every parameter and buffer of the model with its shape and nothing else, and refuse an empty
+    # MODEL.WEIGHTS. False loads what matches and logs the rest, as Detectron2 does (e.g. to evaluate a model
+    # whose head was re-initialised on purpose); an empty MODEL.WEIGHTS then runs the model as initialised.
+    cfg.TEST.STRICT_WEIGHTS = True
 
     # ---- solver ----
     # "ADAMW" (the recipe) or "SGD".

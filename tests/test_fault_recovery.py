@@ -1,4 +1,5 @@
-"""Atomic checkpoints, and a training run killed with SIGKILL then resumed with --resume."""
+"""Atomic checkpoints, a training run killed with SIGKILL then resumed with --resume, --resume past an
+unreadable last checkpoint, and SIGINT to the launcher of a multi-process run."""
 import os
 import signal
 import subprocess
@@ -8,11 +9,13 @@ import time
 
 import pytest
 import torch
+from detectron2.modeling import build_model
 from torch import nn
 
+from d2_detr.checkpoint import UnreadableCheckpointError, load_checkpoint_strict
 from d2_detr.engine import AtomicDetectionCheckpointer
 
-from .conftest import REPO_DIR, TINY_CONFIG
+from .conftest import REPO_DIR, TINY_CONFIG, load_config
 
 TRAIN_NET = os.path.join(REPO_DIR, "tools", "train_net.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
@@ -103,3 +106,102 @@ def test_sigkill_then_resume_continues_schedule_and_optimizer(tmp_path):
     assert adamw_steps == {killed_at + 3.0}
     assert final["trainer"]["_trainer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def _worker_pids(launcher_pid):
+    """PIDs of the processes that torch.multiprocessing spawned from ``launcher_pid`` (Linux /proc)."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    pids = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    pids.append(pid)
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigint_to_launcher_stops_cpu_workers_and_keeps_last_checkpoint(tmp_path):
+    """``kill -INT`` to the launcher of a 2-process gloo run (as timeout and schedulers send it): both workers
+    stop well before MAX_ITER, the launcher exits, and the last checkpoint is complete."""
+    out = tmp_path / "run"
+    command = _train(out, 100000, "--num-gpus", "2", "--dist-url", "auto") + ["SOLVER.IMS_PER_BATCH", "4"]
+    env = dict(ENV, OMP_NUM_THREADS="1")
+    with open(tmp_path / "launcher.log", "w") as log_file:
+        proc = subprocess.Popen(command, env=env, cwd=REPO_DIR, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "last_checkpoint").exists():
+            assert proc.poll() is None, (tmp_path / "launcher.log").read_text()[-5000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = (tmp_path / "launcher.log").read_text()
+    assert proc.returncode == -signal.SIGINT, log[-5000:]
+    assert not [pid for pid in workers if _running(pid)]
+    assert "SIGINT received: stopping the 2 running worker process(es)" in log
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    last = out / (out / "last_checkpoint").read_text()
+    checkpoint = torch.load(last, weights_only=False)
+    assert 1 <= checkpoint["iteration"] < 100000 - 1
+    model = build_model(load_config(TINY_CONFIG))
+    load_checkpoint_strict(model, str(last))
+
+
+def _checkpoints(folder):
+    """model_0000001 (weights 1), model_0000003 (3), model_final (4, the last) of a 2x2 linear layer."""
+    model = nn.Linear(2, 2)
+    checkpointer = AtomicDetectionCheckpointer(model, str(folder))
+    for name, value in (("model_0000001", 1.0), ("model_0000003", 3.0), ("model_final", 4.0)):
+        nn.init.constant_(model.weight, value)
+        checkpointer.save(name, iteration=int(value))
+    return folder / "model_final.pth", folder / "model_0000003.pth", folder / "model_0000001.pth"
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_falls_back_to_previous_complete_checkpoint(tmp_path, caplog):
+    final, third, first = _checkpoints(tmp_path)
+    _truncate(final)
+    model = nn.Linear(2, 2)
+    checkpointer = AtomicDetectionCheckpointer(model, str(tmp_path))
+    with caplog.at_level("WARNING", logger="d2_detr"):
+        extra = checkpointer.resume_or_load("", resume=True)
+    assert extra["iteration"] == 3 and model.weight[0, 0].item() == 3.0
+    assert f"Resumed from {third} instead of the last checkpoint" in caplog.text
+    assert f"cannot read checkpoint '{final}'" in caplog.text and "truncated" in caplog.text
+
+    third.unlink()  # a missing file is skipped as well
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 1
+
+    first.write_text("not a checkpoint")
+    nn.init.constant_(model.weight, 7.0)
+    with pytest.raises(UnreadableCheckpointError) as info:
+        checkpointer.resume_or_load("", resume=True)
+    message = str(info.value)
+    assert f"--resume: no checkpoint in {tmp_path} can be read" in message and "Nothing was loaded" in message
+    assert str(final) in message and str(first) in message and "another OUTPUT_DIR" in message
+    assert model.weight[0, 0].item() == 7.0
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth", "model_final.pth"]  # kept

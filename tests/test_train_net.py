@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from detectron2.modeling import build_model
 
 from d2_detr.data import register_synthetic_shapes
 from d2_detr.engine import DetrTrainer
@@ -148,3 +149,99 @@ def test_batched_evaluation_is_exact_with_pointwise_backbone(mixed_sizes_val, tm
         assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
         assert a["score"] == pytest.approx(b["score"], abs=1e-5)
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+
+
+def _save_weights(path, *opts):
+    """Weights of a freshly initialised tiny model (config + ``opts``), saved as a checkpoint."""
+    torch.manual_seed(0)
+    torch.save({"model": build_model(load_config(TINY_CONFIG, *opts)).state_dict()}, path)
+    return path
+
+
+def _error_message(proc):
+    """The error of a run that train_net.py refused: status 1, no traceback, the message at the end."""
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "Traceback" not in proc.stderr and "train_net.py: error: " in proc.stderr, proc.stderr[-5000:]
+    return proc.stderr[proc.stderr.rindex("train_net.py: error: "):]
+
+
+def test_eval_only_refuses_weights_of_another_config_unless_told(tmp_path):
+    other = _save_weights(tmp_path / "other.pth", "MODEL.DETR.NUM_CLASSES", 7)
+    proc = train_net("--eval-only", "MODEL.WEIGHTS", other, "OUTPUT_DIR", tmp_path / "eval", check=False)
+    message = _error_message(proc)
+    assert f"checkpoint '{other}' does not match the model built from the config" in message
+    assert "MODEL.DETR.NUM_CLASSES 7 (the config has 5)" in message and "TEST.STRICT_WEIGHTS False" in message
+    assert "Evaluation results" not in proc.stdout + proc.stderr
+
+    proc = train_net("--eval-only", "MODEL.WEIGHTS", other, "OUTPUT_DIR", tmp_path / "partial",
+                     "TEST.STRICT_WEIGHTS", False)
+    log = proc.stdout + proc.stderr
+    assert "TEST.STRICT_WEIGHTS is False" in log and "Evaluation results for bbox" in log
+
+
+@pytest.mark.parametrize("case", ["no weights", "unrelated state dict", "truncated"])
+def test_eval_only_refuses_what_is_not_a_trained_model(trained, tmp_path, case):
+    out, _ = trained
+    if case == "no weights":
+        weights, expected = "", "MODEL.WEIGHTS is empty: evaluation and inference need a trained checkpoint"
+    elif case == "unrelated state dict":
+        weights = tmp_path / "resnet.pth"
+        torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7), "fc.weight": torch.zeros(10, 4)}, weights)
+        expected = "The checkpoint holds none of DETR's transformer and head weights"
+    else:
+        weights = tmp_path / "model_final.pth"
+        data = (out / "model_final.pth").read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        expected = f"cannot read checkpoint '{weights}' (MODEL.WEIGHTS): the file is truncated"
+    proc = train_net("--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", tmp_path / "eval", check=False)
+    assert expected in _error_message(proc)
+    assert "Evaluation results" not in proc.stdout + proc.stderr
+
+
+def test_training_from_missing_weights_names_the_file(tmp_path):
+    missing = tmp_path / "no_such_model.pth"
+    proc = train_net("MODEL.WEIGHTS", missing, "OUTPUT_DIR", tmp_path / "run", check=False)
+    assert f"checkpoint '{missing}' (MODEL.WEIGHTS) does not exist" in _error_message(proc)
+
+
+def test_resume_past_a_truncated_last_checkpoint(trained, tmp_path):
+    """The last checkpoint (model_final.pth) is cut short: --resume warns, naming it, and uses
+    model_0000003.pth, the newest complete one, to evaluate (--eval-only) or to continue training."""
+    out, _ = trained
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("model_0000001.pth", "model_0000003.pth", "last_checkpoint"):
+        os.link(out / name, resumed / name)
+    data = (out / "model_final.pth").read_bytes()
+    (resumed / "model_final.pth").write_bytes(data[: len(data) // 2])
+    proc = train_net("--eval-only", "--resume", "OUTPUT_DIR", resumed)
+    log = proc.stdout + proc.stderr
+    assert f"Resumed from {resumed / 'model_0000003.pth'} instead of the last checkpoint" in log
+    assert f"Loaded {resumed / 'model_0000003.pth'}" in log and "Evaluation results for bbox" in log
+
+    proc = train_net("--resume", "OUTPUT_DIR", resumed, "SOLVER.MAX_ITER", 5, "DATASETS.TEST", "()")
+    log = proc.stdout + proc.stderr
+    assert f"Resumed from {resumed / 'model_0000003.pth'} instead of the last checkpoint" in log
+    assert f"cannot read checkpoint '{resumed / 'model_final.pth'}'" in log and "truncated" in log
+    assert "Starting training from iteration 4" in log
+    assert torch.load(resumed / "model_final.pth", weights_only=False)["iteration"] == 4
+
+
+def test_new_run_in_an_output_dir_with_checkpoints_is_refused(trained, tmp_path):
+    out, _ = trained
+    before = {name: (out / name).read_bytes() for name in os.listdir(out) if os.path.isfile(out / name)}
+    proc = train_net("OUTPUT_DIR", out, "SOLVER.MAX_ITER", 2, check=False)
+    message = _error_message(proc)
+    assert f"OUTPUT_DIR '{out}' holds the checkpoints of another run" in message
+    assert "last_checkpoint" in message and "model_final.pth" in message
+    assert "--resume" in message and "another OUTPUT_DIR" in message and "--overwrite-output-dir" in message
+    assert {name: (out / name).read_bytes() for name in os.listdir(out) if os.path.isfile(out / name)} == before
+
+    again = tmp_path / "again"
+    again.mkdir()
+    for name in ("model_final.pth", "last_checkpoint"):
+        os.link(out / name, again / name)
+    proc = train_net("--overwrite-output-dir", "OUTPUT_DIR", again, "SOLVER.MAX_ITER", 2, "DATASETS.TEST", "()")
+    assert "--overwrite-output-dir: OUTPUT_DIR" in proc.stdout + proc.stderr
+    assert torch.load(again / "model_final.pth", weights_only=False)["iteration"] == 1
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 3  # the other run's file intact

@@ -1,5 +1,6 @@
-"""Checkpoint conversion: original DETR and torchvision ResNet weights to d2_detr's names; ``torchvision://`` weights
-paths (registered on Detectron2's PathManager on import)."""
+"""Checkpoints: loading with clear errors (strictly for evaluation and inference), conversion of original
+DETR and torchvision ResNet weights to d2_detr's names, and ``torchvision://`` weights paths (registered on
+Detectron2's PathManager on import)."""
 from detectron2.utils.file_io import PathManager
 
 from .convert import (
@@ -15,9 +16,19 @@ from .convert import (
     resnet_depth,
     save_converted_checkpoint,
 )
+from .loading import (
+    CheckedCheckpointer,
+    CheckpointError,
+    UnreadableCheckpointError,
+    load_checkpoint_strict,
+    load_inference_weights,
+)
 from .torchvision_weights import TorchvisionHandler, parse_torchvision_path, resolve_torchvision_weights
 
 __all__ = [
+    "CheckedCheckpointer",
+    "CheckpointError",
+    "UnreadableCheckpointError",
     "COCO_NO_OBJECT_ROW",
     "COCO_PANOPTIC_NO_OBJECT_ROW",
     "DETR_CHECKPOINT_DESCRIPTION",
@@ -26,6 +37,8 @@ __all__ = [
     "coco_panoptic_class_head_rows",
     "convert_detr_state_dict",
     "convert_torchvision_resnet_state_dict",
+    "load_checkpoint_strict",
+    "load_inference_weights",
     "load_state_dict_file",
     "resnet_depth",
     "parse_torchvision_path",

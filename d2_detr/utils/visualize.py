@@ -21,13 +21,10 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import pickle
-import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data import detection_utils as utils
@@ -37,6 +34,7 @@ from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 from torch import nn
 
+from ..checkpoint.loading import CheckpointError, load_inference_weights
 from ..data.dataset_mapper import build_detr_augmentation
 from ..engine.trainer import DetrTrainer
 
@@ -50,7 +48,6 @@ __all__ = [
     "save_image",
     "dataset_metadata",
     "load_inference_model",
-    "load_checkpoint_strict",
     "visualize_predictions",
     "visualize_dataset_predictions",
 ]
@@ -59,26 +56,6 @@ logger = logging.getLogger(__name__)
 
 #: File name endings (lower case) taken from folders and glob patterns.
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-# Config keys that decide the presence or shape of the parameters under each state-dict prefix (first match wins).
-_CONFIG_KEYS_BY_PREFIX: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("class_embed.", ("MODEL.DETR.NUM_CLASSES", "MODEL.DETR.HIDDEN_DIM")),
-    ("criterion.", ("MODEL.DETR.NUM_CLASSES",)),
-    ("query_embed.", ("MODEL.DETR.NUM_OBJECT_QUERIES", "MODEL.DETR.HIDDEN_DIM")),
-    ("bbox_embed.", ("MODEL.DETR.HIDDEN_DIM",)),
-    ("input_proj.", ("MODEL.DETR.HIDDEN_DIM", "MODEL.DETR.IN_FEATURE", "MODEL.RESNETS.DEPTH",
-                     "MODEL.RESNETS.RES2_OUT_CHANNELS")),
-    ("transformer.encoder.", ("MODEL.DETR.ENC_LAYERS", "MODEL.DETR.HIDDEN_DIM", "MODEL.DETR.DIM_FEEDFORWARD",
-                              "MODEL.DETR.PRE_NORM")),
-    ("transformer.decoder.", ("MODEL.DETR.DEC_LAYERS", "MODEL.DETR.HIDDEN_DIM", "MODEL.DETR.DIM_FEEDFORWARD")),
-    ("transformer.", ("MODEL.DETR.TRANSFORMER_NAME", "MODEL.DETR.HIDDEN_DIM")),
-    ("position_encoding.", ("MODEL.DETR.POSITION_EMBEDDING", "MODEL.DETR.HIDDEN_DIM")),
-    ("backbone.", ("MODEL.BACKBONE.NAME", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.STEM_OUT_CHANNELS",
-                   "MODEL.RESNETS.RES2_OUT_CHANNELS", "MODEL.RESNETS.WIDTH_PER_GROUP", "MODEL.RESNETS.NORM",
-                   "MODEL.RESNETS.OUT_FEATURES")),
-)
-_MAX_LISTED_KEYS = 5
-
 
 class InputError(ValueError):
     """Something the user passed (image, input pattern, checkpoint, config) cannot be used; the message says
@@ -171,154 +148,13 @@ def dataset_metadata(cfg: CfgNode) -> Metadata:
     return Metadata()
 
 
-class _InspectingCheckpointer(DetectionCheckpointer):
-    """A ``DetectionCheckpointer`` that keeps what it compared, so a mismatch can be raised, not only logged.
-
-    After ``load``: ``checkpoint_shapes`` maps every model-state key of the file to its shape and
-    ``incompatible`` holds missing keys, unexpected keys and incorrect shapes.
-    """
-
-    checkpoint_shapes: Dict[str, Tuple[int, ...]]
-    incompatible = None
-
-    def _load_model(self, checkpoint):
-        state = checkpoint.get("model", {})
-        keys = list(state)
-        strip = bool(keys) and all(k.startswith("module.") for k in keys)
-        self.checkpoint_shapes = {(k[len("module."):] if strip else k): tuple(getattr(v, "shape", ()))
-                                  for k, v in state.items()}
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
-
-    def _log_incompatible_keys(self, incompatible) -> None:
-        """Log nothing: :func:`load_checkpoint_strict` raises with these keys instead."""
-
-
-def _listed(keys: Sequence[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
-    return shown + (f", ... ({len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else "")
-
-
-def _config_keys_for(param_keys: Iterable[str]) -> List[str]:
-    """Config keys that decide the given parameters, most specific first, each once."""
-    keys: List[str] = []
-    for param in param_keys:
-        for prefix, config_keys in _CONFIG_KEYS_BY_PREFIX:
-            if param.startswith(prefix):
-                keys.extend(k for k in config_keys if k not in keys)
-                break
-    return keys
-
-
-def _checkpoint_config_values(shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, int]:
-    """DETR config values that the checkpoint's parameter shapes reveal."""
-    values: Dict[str, int] = {}
-    if len(shapes.get("class_embed.weight", ())) == 2:
-        values["MODEL.DETR.NUM_CLASSES"] = shapes["class_embed.weight"][0] - 1
-        values["MODEL.DETR.HIDDEN_DIM"] = shapes["class_embed.weight"][1]
-    if len(shapes.get("query_embed.weight", ())) == 2:
-        values["MODEL.DETR.NUM_OBJECT_QUERIES"] = shapes["query_embed.weight"][0]
-    for part, config_key in (("encoder", "MODEL.DETR.ENC_LAYERS"), ("decoder", "MODEL.DETR.DEC_LAYERS")):
-        layer_re = re.compile(rf"transformer\.{part}\.layers\.(\d+)\.")
-        indices = [int(m.group(1)) for m in map(layer_re.match, shapes) if m]
-        if indices:
-            values[config_key] = max(indices) + 1
-        linear1 = shapes.get(f"transformer.{part}.layers.0.linear1.weight", ())
-        if len(linear1) == 2 and "MODEL.DETR.DIM_FEEDFORWARD" not in values:
-            values["MODEL.DETR.DIM_FEEDFORWARD"] = linear1[0]
-    return values
-
-
-def _cfg_value(cfg: CfgNode, dotted_key: str):
-    node = cfg
-    for part in dotted_key.split("."):
-        node = node[part]
-    return node
-
-
-def _mismatch_message(path: str, cfg: Optional[CfgNode], model_keys: Sequence[str], shapes: Dict[str, Tuple[int, ...]],
-                      incompatible) -> str:
-    wrong_shapes = list(incompatible.incorrect_shapes)
-    reshaped = {k for k, _, _ in wrong_shapes}
-    missing = [k for k in incompatible.missing_keys if k not in reshaped]  # fvcore drops reshaped ones too
-    unexpected = list(incompatible.unexpected_keys)
-    lines = [f"checkpoint {path!r} does not match the model built from the config:"]
-    if wrong_shapes:
-        lines.append(f"  {len(wrong_shapes)} parameter(s) with another shape: " + _listed(
-            [f"{k} (checkpoint {tuple(ck)}, model {tuple(mk)})" for k, ck, mk in wrong_shapes]))
-    if missing:
-        lines.append(f"  {len(missing)} parameter(s) missing from the checkpoint: {_listed(missing)}")
-    if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected parameter(s) in the checkpoint: {_listed(unexpected)}")
-    head_keys = [k for k in model_keys if not k.startswith("backbone.")]
-    if head_keys and not set(head_keys) & set(shapes):
-        lines.append("The checkpoint holds none of DETR's transformer and head weights: it is not a trained DETR "
-                     "(backbone-only weights, e.g. ImageNet, only serve to start training). "
-                     "Pass MODEL.WEIGHTS of a trained model, e.g. OUTPUT_DIR/model_final.pth of tools/train_net.py.")
-        return "\n".join(lines)
-    differing = []
-    if cfg is not None:
-        for key, value in _checkpoint_config_values(shapes).items():
-            if _cfg_value(cfg, key) != value:
-                differing.append((key, value, _cfg_value(cfg, key)))
-    if differing:
-        lines.append("The checkpoint was trained with " + ", ".join(
-            f"{key} {value} (the config has {current})" for key, value, current in differing) + ".")
-    config_keys = [key for key, _, _ in differing]
-    config_keys += [k for k in _config_keys_for([k for k, _, _ in wrong_shapes] + missing + unexpected)
-                    if k not in config_keys]
-    if config_keys:
-        lines.append("Config keys likely wrong: " + ", ".join(config_keys) + ".")
-    config_yaml = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
-    advice = "Use the config the checkpoint was trained with"
-    if os.path.isfile(config_yaml):
-        advice += f" ({config_yaml} was saved next to it)"
-    if differing:
-        advice += " or override, e.g. " + " ".join(f"{key} {value}" for key, value, _ in differing)
-    lines.append(advice + ".")
-    return "\n".join(lines)
-
-
-def load_checkpoint_strict(model: nn.Module, path: str, cfg: Optional[CfgNode] = None) -> None:
-    """Load the checkpoint ``path`` into ``model`` with ``DetectionCheckpointer``, requiring every model
-    parameter and buffer to be found with its shape and nothing else to be left over.
-
-    Raises :class:`InputError` when the file cannot be read or does not match; with ``cfg`` (the config the
-    model was built from) the message names the config keys that likely differ from the checkpoint's.
-    """
-    if "://" not in path and not os.path.isfile(path):
-        raise InputError(f"checkpoint {path!r} (MODEL.WEIGHTS) does not exist; pass the path of a trained "
-                         "model, e.g. OUTPUT_DIR/model_final.pth of tools/train_net.py.")
-    checkpointer = _InspectingCheckpointer(model)
-    try:
-        checkpointer.load(path, checkpointables=[])
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError, AssertionError, pickle.UnpicklingError) as e:
-        if isinstance(e, (pickle.UnpicklingError, EOFError)):
-            reason = "not a PyTorch checkpoint, or a truncated one"
-        else:
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise InputError(f"cannot read checkpoint {path!r} (MODEL.WEIGHTS): {type(e).__name__}: {reason}. "
-                         "Pass a checkpoint written by tools/train_net.py (a .pth file).") from e
-    incompatible = checkpointer.incompatible
-    if incompatible is None:
-        raise InputError(f"checkpoint {path!r} (MODEL.WEIGHTS) holds no model weights.")
-    if incompatible.missing_keys or incompatible.unexpected_keys or incompatible.incorrect_shapes:
-        raise InputError(_mismatch_message(path, cfg, list(model.state_dict()), checkpointer.checkpoint_shapes,
-                                           incompatible))
-
-
 def load_inference_model(cfg: CfgNode) -> nn.Module:
     """Build the model of ``cfg`` (``DetrTrainer.build_model``) in eval mode on ``cfg.MODEL.DEVICE`` and load
-    ``cfg.MODEL.WEIGHTS`` strictly (:func:`load_checkpoint_strict`).
+    ``cfg.MODEL.WEIGHTS`` strictly (``d2_detr.checkpoint.load_inference_weights``; ``TEST.STRICT_WEIGHTS``).
 
-    Raises :class:`InputError` for an empty MODEL.WEIGHTS, an unavailable device, a config that cannot be built
-    or a checkpoint that does not match it.
+    Raises :class:`InputError` for an unavailable device, a config that cannot be built, or an empty, unreadable
+    or (strict) not matching MODEL.WEIGHTS.
     """
-    weights = cfg.MODEL.WEIGHTS
-    if not weights:
-        raise InputError("MODEL.WEIGHTS is empty: inference needs a trained checkpoint. Train one with "
-                         "tools/train_net.py (it writes OUTPUT_DIR/model_final.pth) and pass "
-                         "MODEL.WEIGHTS /path/to/model_final.pth.")
     device = str(cfg.MODEL.DEVICE)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"MODEL.DEVICE is {device!r} but CUDA is not available here; pass MODEL.DEVICE cpu.")
@@ -327,8 +163,10 @@ def load_inference_model(cfg: CfgNode) -> nn.Module:
     except ValueError as e:
         raise InputError(f"cannot build the model from the config: {e}") from e
     model.eval()
-    load_checkpoint_strict(model, weights, cfg)
-    logger.info("Loaded %s", weights)
+    try:
+        load_inference_weights(model, cfg)
+    except CheckpointError as e:
+        raise InputError(str(e)) from e
     return model
 
 
