@@ -2,36 +2,20 @@
 import logging
 import os
 import re
-from typing import IO, Any, Callable
+from typing import Any
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from ..utils.file_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AtomicDetectionCheckpointer", "atomic_write"]
 
-# Temporary files: ".<final name>.<pid>.tmp" next to the final file. The name never ends in ".pth", so
-# Checkpointer.get_all_checkpoint_files and last_checkpoint never take one for a checkpoint.
+# Temporary files of atomic_write: ".<final name>.<pid>.tmp" next to the final file. The name never ends in ".pth",
+# so Checkpointer.get_all_checkpoint_files and last_checkpoint never take one for a checkpoint.
 _TEMPORARY_NAME = re.compile(r"^\.(.+\.pth|last_checkpoint)\.\d+\.tmp$")
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Create or replace the local file ``path`` with what ``write(f)`` writes to a binary file: it goes to a
-    temporary file in the same directory, flushed to disk, then renamed over ``path`` (atomic on POSIX and
-    Windows). A reader, or a run killed at any moment, sees the old file or the complete new one."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
