@@ -5,8 +5,8 @@ registries (d2_detr.modeling.registry), ``build_detr_resnet_backbone`` in BACKBO
 built-in synthetic datasets in DatasetCatalog.
 """
 from . import data, modeling  # noqa: F401  (registers components and datasets)
-from .config import add_detr_config
+from .config import add_detr_config, load_config
 
 __version__ = "0.1.0"
 
-__all__ = ["add_detr_config", "__version__"]
+__all__ = ["add_detr_config", "load_config", "__version__"]

@@ -8,16 +8,17 @@
         run_from_command_line()
 """
 import logging
+import sys
 from typing import List, Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_detr_config
+from ..config import ConfigError, load_config as load_config_file
 from .allocator import keep_freed_memory
 from .launch import launch
 from .trainer import DetrTrainer
@@ -28,13 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def load_config(args) -> CfgNode:
-    """The config of ``args`` (``--config-file`` + ``KEY VALUE`` overrides), frozen."""
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    return cfg
+    """The config of ``args`` (``--config-file`` + ``KEY VALUE`` overrides), frozen; see
+    :func:`d2_detr.config.load_config`."""
+    return load_config_file(args.config_file, args.opts)
 
 
 def setup(args) -> CfgNode:
@@ -66,5 +63,9 @@ def run_from_command_line(argv: Optional[List[str]] = None):
     GPU (NCCL) when ``MODEL.DEVICE`` is CUDA, else that many CPU processes (gloo)."""
     args = default_argument_parser().parse_args(argv)
     logger.info(f"Command line arguments: {args}")
+    try:
+        device = load_config(args).MODEL.DEVICE  # a bad config fails here, before any process starts
+    except ConfigError as e:
+        sys.exit(f"train_net.py: error: {e}")
     return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,), device=load_config(args).MODEL.DEVICE)
+                  dist_url=args.dist_url, args=(args,), device=device)
