@@ -1,4 +1,4 @@
-"""Tests of the built-in synthetic shapes dataset (d2_detr.data.synthetic)."""
+"""Tests of the built-in synthetic shapes dataset (d2_detr.data.synthetic: render, coco, store, catalog)."""
 import json
 import os
 import uuid
@@ -10,7 +10,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from d2_detr.data import synthetic
 from d2_detr.data.synthetic import (
     BUILTIN_SYNTHETIC_DATASETS,
     SYNTHETIC_CLASSES,
@@ -23,6 +22,7 @@ from d2_detr.data.synthetic import (
     register_synthetic_shapes,
     render_image,
 )
+from d2_detr.data.synthetic import coco as synthetic_coco
 
 K = len(SYNTHETIC_CLASSES)
 
@@ -159,7 +159,7 @@ def test_cached_and_regenerated_when_params_change(tmp_path, monkeypatch):
         raise AssertionError("regenerated a complete dataset")
 
     with monkeypatch.context() as m:
-        m.setattr(synthetic, "_write_dataset", fail)
+        m.setattr(synthetic_coco, "write_detection_dataset", fail)
         generate_synthetic_shapes(target, small)
 
     bigger = SyntheticShapesConfig(num_images=5, seed=1, image_size=32)
@@ -172,7 +172,7 @@ def test_cached_and_regenerated_when_params_change(tmp_path, monkeypatch):
 def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
     target = str(tmp_path / "ds")
     config = SyntheticShapesConfig(num_images=4, seed=2, image_size=32)
-    real_render = synthetic.render_image
+    real_render = synthetic_coco.render_image
     calls = []
 
     def render_then_crash(cfg, index):
@@ -182,7 +182,7 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
         return real_render(cfg, index)
 
     with monkeypatch.context() as m:
-        m.setattr(synthetic, "render_image", render_then_crash)
+        m.setattr(synthetic_coco, "render_image", render_then_crash)
         with pytest.raises(KeyboardInterrupt):
             generate_synthetic_shapes(target, config)
     assert sorted(os.listdir(tmp_path)) == [".ds.lock"]
