@@ -17,6 +17,9 @@ PACKAGE_DIR = os.path.join(REPO_DIR, "d2_detr")
 FORBIDDEN: Dict[str, Tuple[str, ...]] = {
     "layers": ("modeling", "engine", "data", "checkpoint", "export", "utils"),
     "checkpoint": ("engine", "export"),
+    "data": ("engine", "modeling", "export"),
+    # The trainer knows datasets only through Detectron2's catalogs, whatever registered them.
+    "engine": ("data.synthetic", "data.synthetic_panoptic"),
     "utils/file_io.py": ("config", "layers", "modeling", "engine", "data", "checkpoint", "export", "utils"),
 }
 

@@ -17,7 +17,8 @@ the same parameters always give byte-identical ``annotations.json``.
 A dataset is written once to ``<root>/<name>/{images/*.png, annotations.json, params.json}`` (``root`` defaults to
 ``$DETECTRON2_DATASETS`` or ``datasets``, Detectron2's convention) and regenerated whenever its parameters
 change. Generation happens in a temporary directory renamed into place, so an interrupted run never leaves a
-partial dataset that looks complete. It happens when the dataset is first loaded from ``DatasetCatalog``.
+partial dataset that looks complete. It happens when Detectron2 first needs the files: loading the dataset from
+``DatasetCatalog``, or reading a file path of its metadata (``COCOEvaluator`` opening ``json_file``).
 
 Modules: :mod:`.render` draws the images, :mod:`.coco` writes them in COCO format, :mod:`.store` keeps generated
 datasets on disk, :mod:`.catalog` registers them in Detectron2's catalogs.
