@@ -2,10 +2,15 @@
 
 Importing the package registers ``Detr`` in Detectron2's META_ARCH_REGISTRY, DETR's parts in their own
 registries (d2_detr.modeling.registry), ``build_detr_resnet_backbone`` in BACKBONE_REGISTRY, and the
-built-in synthetic datasets in DatasetCatalog.
+built-in synthetic datasets in DatasetCatalog, and ``torchvision://`` weights paths (d2_detr.checkpoint) on
+Detectron2's PathManager.
 """
-from . import data, modeling  # noqa: F401  (registers components and datasets)
-from .config import add_detr_config, load_config
+from .env import check_torch_version
+
+check_torch_version()  # before anything below uses a newer torch's API
+
+from . import checkpoint, data, modeling  # noqa: E402, F401  (registers components, datasets and weights paths)
+from .config import add_detr_config, load_config  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -126,6 +126,13 @@ def add_detr_config(cfg: CN) -> None:
     detr.PANOPTIC_MIN_AREA = 5
 
     # ---- data ----
+    # Check of the datasets when training starts (DATASETS.TRAIN as the train loader gets them, and DATASETS.TEST),
+    # before the first iteration; problems stop the run with a list of the files and what is wrong with them.
+    # "files": every image (and segmentation) file exists (one stat per file); "full": also every image decodes,
+    # has its record's height and width, and has valid annotations (boxes finite and inside the image, category
+    # ids below MODEL.DETR.NUM_CLASSES): what tools/check_dataset.py does, one full read of the images, decoded
+    # in DATALOADER.NUM_WORKERS processes; "none": no check.
+    cfg.DATASETS.CHECK_BEFORE_TRAINING = "files"
     # With INPUT.CROP.ENABLED: probability of the crop branch of DETR's augmentation (else plain resize).
     cfg.INPUT.CROP.PROB = 0.5
     # With INPUT.CROP.ENABLED: shortest-edge sizes (one picked at random) the image is resized to before

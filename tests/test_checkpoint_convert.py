@@ -1,12 +1,13 @@
 """Tests of the checkpoint converters (d2_detr.checkpoint) and their command-line tools.
 
-``ReferenceDetr`` below is written from the project's DETR facts with the ORIGINAL implementation's
+``ReferenceDetr`` below is written from the DETR paper's description with the ORIGINAL implementation's
 parameter names (torchvision ResNet with frozen BatchNorm under ``backbone.0.body``, ``transformer.*``, heads):
 its state dict stands in for an original facebookresearch/detr checkpoint.
 """
 import argparse
 import math
 import os
+import pickle
 import subprocess
 import sys
 from typing import List, Optional, Tuple
@@ -23,6 +24,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from d2_detr import add_detr_config
 from d2_detr.checkpoint import (
+    DETR_CHECKPOINT_DESCRIPTION,
     coco_class_head_rows,
     convert_detr_state_dict,
     convert_torchvision_resnet_state_dict,
@@ -461,3 +463,71 @@ def test_cli_tools_end_to_end(tmp_path):
     assert f"MODEL.WEIGHTS {resnet_out}" in stdout
     converted = load_state_dict_file(resnet_out)
     assert converted.keys() == convert_torchvision_resnet_state_dict(torch.load(resnet_src)).keys()
+
+
+def _write_bad_checkpoints(directory) -> dict:
+    """Files a user may pass instead of a checkpoint: name -> (path, exception type, what the message says)."""
+    good = str(directory / "good.pth")
+    torch.save({"model": _fake_detr_state_dict(92)}, good)
+    data = open(good, "rb").read()
+    legacy = str(directory / "legacy.pth")
+    torch.save({"model": _fake_detr_state_dict(92)}, legacy, _use_new_zipfile_serialization=False)
+    legacy_data = open(legacy, "rb").read()
+    files = {
+        "text": (b"hello world\n", ValueError, r"not written by torch\.save: it is text, starting with 'hello world'"),
+        "html": (b"<!DOCTYPE html><html>Not found</html>", ValueError, "an HTML page"),
+        "empty": (b"", ValueError, "is empty"),
+        "truncated": (data[: len(data) // 2], ValueError, "truncated or corrupt"),
+        "truncated_legacy": (legacy_data[: len(legacy_data) // 2], ValueError, "truncated or corrupt"),
+        "plain_pickle": (pickle.dumps({"model": {}}, protocol=4), ValueError, "plain Python pickle"),
+    }
+    cases = {}
+    for name, (content, error, message) in files.items():
+        path = str(directory / f"{name}.pth")
+        with open(path, "wb") as f:
+            f.write(content)
+        cases[name] = (path, error, message)
+    module = str(directory / "module.pth")
+    torch.save(nn.Linear(2, 2), module)  # a whole model, pickled
+    cases["whole_module"] = (module, ValueError, r"holds a torch\.nn\.modules\.linear\.Linear.*state_dict\(\)")
+    cases["missing"] = (str(directory / "missing.pth"), FileNotFoundError, "does not exist")
+    cases["directory"] = (str(directory), FileNotFoundError, "is a directory")
+    return cases
+
+
+BAD_CHECKPOINTS = ["text", "html", "empty", "truncated", "truncated_legacy", "plain_pickle", "whole_module",
+                   "missing", "directory"]
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_file_raises_clear_error(tmp_path, case):
+    path, error, message = _write_bad_checkpoints(tmp_path)[case]
+    with pytest.raises(error, match=message) as info:
+        load_state_dict_file(path, expected=DETR_CHECKPOINT_DESCRIPTION)
+    assert path in str(info.value) and "original DETR checkpoint" in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["text", "truncated", "missing"])
+def test_convert_tool_on_bad_file_names_it_and_writes_nothing(tmp_path, case):
+    path, _, message = _write_bad_checkpoints(tmp_path)[case]
+    out = tmp_path / "out" / "model.pth"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "convert_detr_checkpoint.py"), "--input", path, "--output",
+         str(out)], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
+    assert f"\nerror: {path}" in "\n" + result.stderr and "original DETR checkpoint" in result.stderr
+    assert not out.parent.exists()
+
+
+def test_convert_tool_on_a_state_dict_of_another_model(tmp_path):
+    path = str(tmp_path / "other.pth")
+    torch.save({"model": {"foo.weight": torch.zeros(1)}}, path)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "convert_detr_checkpoint.py"), "--input", path, "--output",
+         str(tmp_path / "model.pth")], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {path}: This does not look like an original DETR model state dict" in result.stderr
+    assert not (tmp_path / "model.pth").exists()

@@ -9,7 +9,9 @@ from detectron2.structures import BoxMode
 from PIL import Image
 
 from d2_detr.data.dataset_mapper import DetrDatasetMapper, build_detr_augmentation
+from d2_detr.data.images import ImageReadError
 
+from .coco_files import truncate
 from .conftest import REPO_DIR, load_config
 
 
@@ -104,3 +106,15 @@ def test_masks_only_when_mask_on(image_file, tiny_cfg):
     tiny_cfg.MODEL.MASK_ON = True
     out = DetrDatasetMapper(tiny_cfg, is_train=True)(_record(image_file, 300, 400, [dict(ann)]))
     assert out["instances"].has("gt_masks")
+
+
+@pytest.mark.parametrize("is_train", [True, False])
+def test_unreadable_image_error_names_the_file(image_file, tiny_cfg, is_train):
+    mapper = DetrDatasetMapper(tiny_cfg, is_train=is_train)
+    record = _record(image_file, 300, 400, [_ann([10, 10, 50, 40])])
+    truncate(str(image_file))
+    with pytest.raises(ImageReadError, match=f"Image file {image_file} cannot be read .*truncated"):
+        mapper(record)
+    os.remove(image_file)
+    with pytest.raises(ImageReadError, match=f"Image file {image_file} does not exist"):
+        mapper(record)

@@ -1,8 +1,13 @@
 """The install's promises: detectron2 imports with everything d2_detr uses, its data pipeline and its COCO
-evaluator work in this environment (numpy >= 1.24, Pillow >= 10, with or without compiled ops)."""
+evaluator work in this environment (numpy >= 1.24, Pillow >= 10, with or without compiled ops), and the edits
+tools/install_detectron2.py makes to detectron2's source release do what they say."""
+import ast
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +19,82 @@ from detectron2.structures import Boxes, Instances
 import d2_detr
 from d2_detr.env import collect_report, detectron2_has_compiled_ops
 
+from .conftest import REPO_DIR
+
+
+def _detectron2_modules_used() -> set:
+    """The detectron2 modules that d2_detr's library, tools and benchmarks import (found in their source)."""
+    modules = set()
+    for folder in ("d2_detr", "tools", "benchmarks"):
+        for path in Path(REPO_DIR, folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                modules.update(name for name in names if name.split(".")[0] == "detectron2")
+    return modules
+
 
 def test_detectron2_modules_import():
-    code = ("import d2_detr, detectron2.modeling, detectron2.data.transforms, detectron2.evaluation, "
-            "detectron2.model_zoo, detectron2.utils.visualizer, detectron2.engine")
+    """Every detectron2 module the project uses imports (Detectron2's analysis tools included; the model zoo,
+    which d2_detr does not use, is not required)."""
+    modules = _detectron2_modules_used()
+    assert {"detectron2.modeling", "detectron2.evaluation", "detectron2.engine", "detectron2.utils.analysis"} <= modules
+    code = "import d2_detr\n" + "".join(f"import {name}\n" for name in sorted(modules))
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _installer():
+    spec = importlib.util.spec_from_file_location("install_detectron2", os.path.join(REPO_DIR, "tools",
+                                                                                      "install_detectron2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# detectron2 v0.6's detectron2/export/__init__.py, as in its source release.
+_V06_EXPORT_INIT = """# -*- coding: utf-8 -*-
+
+from .api import *
+from .flatten import TracingAdapter
+from .torchscript import scripting_with_instances, dump_torchscript_IR
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]
+"""
+
+
+def test_installer_makes_the_caffe2_exporter_optional(tmp_path):
+    """A release tree whose caffe2 exporter (export/api.py) needs the absent caffe2: after the installer's edit,
+    detectron2.export imports, with the tracing adapter Detectron2's FLOP counter uses, and without the exporter."""
+    installer = _installer()
+    edits = [edit for edit in installer.EDITS if edit.glob == "detectron2/export/__init__.py"]
+    assert len(edits) == 1
+    export = tmp_path / "detectron2" / "export"
+    export.mkdir(parents=True)
+    (tmp_path / "detectron2" / "__init__.py").write_text("")
+    (export / "__init__.py").write_text(_V06_EXPORT_INIT)
+    (export / "api.py").write_text("from caffe2.proto import caffe2_pb2\n__all__ = ['Caffe2Tracer']\n")
+    (export / "flatten.py").write_text("class TracingAdapter:\n    pass\n")
+    (export / "torchscript.py").write_text("def scripting_with_instances():\n    pass\n\n\n"
+                                           "def dump_torchscript_IR():\n    pass\n")
+    installer.apply_edits(tmp_path, edits)
+    code = ("import detectron2.export as e; assert e.__file__.startswith(%r), e.__file__; "
+            "assert hasattr(e, 'TracingAdapter') and not hasattr(e, 'Caffe2Tracer'), dir(e)" % str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_installer_aborts_on_an_edit_that_does_not_match(tmp_path):
+    installer = _installer()
+    (edit,) = [edit for edit in installer.EDITS if edit.glob == "detectron2/export/__init__.py"]
+    (tmp_path / "detectron2" / "export").mkdir(parents=True)
+    (tmp_path / "detectron2" / "export" / "__init__.py").write_text("from .flatten import TracingAdapter\n")
+    with pytest.raises(SystemExit, match="matched 0 times, expected 1"):
+        installer.apply_edits(tmp_path, [edit])
 
 
 def test_compiled_ops_missing_gives_clear_error_or_work():
@@ -112,3 +188,23 @@ def test_coco_evaluator_known_ap(tmp_path, found, expected_ap):
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(expected_ap, abs=1e-3)
     assert results["bbox"]["AP75"] == pytest.approx(expected_ap, abs=1e-3)
+
+
+def test_installer_reinstalls_its_own_detectron2_when_its_edits_changed(tmp_path):
+    """An environment set up before an edit was added gets it on the next run (tools/setup_env.sh re-runs the
+    installer when the installer changes); an official build, or one installed with today's edits, is left alone."""
+    installer = _installer()
+    tree = tmp_path / "release"
+    (tree / "detectron2").mkdir(parents=True)
+    installer.add_compiled_ops_standin(tree)
+    assert not installer.installed_with_other_edits(tree / "detectron2")
+    standin = tree / "detectron2" / "_C.py"
+    older = "\n".join(line for line in standin.read_text().splitlines() if not line.startswith("INSTALLED_EDITS"))
+    standin.write_text(older)  # as written before the installer recorded its edits
+    assert installer.installed_with_other_edits(tree / "detectron2")
+    standin.write_text(standin.read_text().replace("COMPILED = False", 'COMPILED = False\nINSTALLED_EDITS = "0123"'))
+    assert installer.installed_with_other_edits(tree / "detectron2")
+    official = tmp_path / "official" / "detectron2"
+    official.mkdir(parents=True)
+    (official / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert not installer.installed_with_other_edits(official)

@@ -1,4 +1,4 @@
-"""DETR's mask head, mask losses, segmentation post-processing and two-stage freezing (issue 6)."""
+"""DETR's mask head, mask losses, segmentation post-processing and two-stage freezing."""
 import logging
 import math
 

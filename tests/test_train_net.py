@@ -10,6 +10,7 @@ import torch
 from d2_detr.data import register_synthetic_shapes
 from d2_detr.engine import DetrTrainer
 
+from .coco_files import CATEGORIES, register, unregister, write_coco_dataset
 from .conftest import PATCH_BACKBONE_OPTS, REPO_DIR, TINY_CONFIG, load_config
 
 TRAIN_NET = os.path.join(REPO_DIR, "tools", "train_net.py")
@@ -95,6 +96,33 @@ def test_config_errors_are_messages_not_tracebacks(tmp_path):
     assert ("train_net.py: error: override MODEL.DETR.NUM_CLASES 7: unknown config key MODEL.DETR.NUM_CLASES. "
             "Did you mean MODEL.DETR.NUM_CLASSES?") in proc.stderr
     assert not os.listdir(tmp_path)
+
+
+@pytest.fixture
+def coco_datasets(tmp_path):
+    """Two datasets registered with register_coco_instances, of 3 and 2 classes; their thing_classes are only
+    set when their json files are loaded."""
+    names = (register("num_classes_coco3", *write_coco_dataset(tmp_path / "c3", num_images=2)),
+             register("num_classes_coco2", *write_coco_dataset(tmp_path / "c2", num_images=2,
+                                                               categories=CATEGORIES[:2])))
+    yield names
+    unregister(names)
+
+
+@pytest.mark.parametrize("train,test,num_classes,wrong,expected", [
+    (0, 0, 5, 0, 3),  # too many: trains and evaluates a wrong head
+    (1, 0, 2, 0, 3),  # too few for the TEST set: class 2 would crash
+])
+def test_num_classes_checked_against_coco_json_at_start_up(coco_datasets, train, test, num_classes, wrong, expected):
+    cfg = load_config(TINY_CONFIG, "DATASETS.TRAIN", (coco_datasets[train],), "DATASETS.TEST", (coco_datasets[test],),
+                      "MODEL.DETR.NUM_CLASSES", num_classes)
+    with pytest.raises(ValueError, match=rf"NUM_CLASSES={num_classes}, but dataset '{coco_datasets[wrong]}' has "
+                                         rf"{expected} thing_classes \(from the categories of .*annotations.json\); "
+                                         rf"set MODEL.DETR.NUM_CLASSES {expected}"):
+        DetrTrainer.build_model(cfg)
+    cfg.MODEL.DETR.NUM_CLASSES = expected
+    cfg.DATASETS.TRAIN = cfg.DATASETS.TEST
+    assert DetrTrainer.build_model(cfg).num_classes == expected
 
 
 def _evaluate(cfg, batch_size, output_dir):

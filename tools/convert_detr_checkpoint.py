@@ -12,7 +12,13 @@ import argparse
 import logging
 import sys
 
-from d2_detr.checkpoint import convert_detr_state_dict, load_state_dict_file, resnet_depth, save_converted_checkpoint
+from d2_detr.checkpoint import (
+    DETR_CHECKPOINT_DESCRIPTION,
+    convert_detr_state_dict,
+    load_state_dict_file,
+    resnet_depth,
+    save_converted_checkpoint,
+)
 
 
 def main() -> None:
@@ -26,12 +32,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
-        converted = convert_detr_state_dict(
-            load_state_dict_file(args.input), coco_class_head=False if args.keep_class_head else None
-        )
-        save_converted_checkpoint(converted, args.output)
-    except ValueError as e:
+        state_dict = load_state_dict_file(args.input, expected=DETR_CHECKPOINT_DESCRIPTION)
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    try:
+        converted = convert_detr_state_dict(state_dict, coco_class_head=False if args.keep_class_head else None)
+    except ValueError as e:
+        sys.exit(f"error: {args.input}: {e}\nExpected {DETR_CHECKPOINT_DESCRIPTION}.")
+    try:
+        save_converted_checkpoint(converted, args.output)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot write {args.output}: {e}")
     num_classes = converted["class_embed.weight"].shape[0] - 1
     depth = resnet_depth(converted)
     config = f"configs/detr_r{depth}.yaml" if depth in (50, 101) else "CONFIG"

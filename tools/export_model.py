@@ -23,6 +23,7 @@ from detectron2.config import CfgNode
 from detectron2.utils.logger import setup_logger
 
 from d2_detr.config import ConfigError, load_config
+from d2_detr.env import MissingExtraError, require_extra
 from d2_detr.export import (
     EXPORT_FORMATS,
     MIN_ONNX_OPSET,
@@ -75,13 +76,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         sys.exit(f"export_model.py: error: {e}")
     try:
+        if args.format == "onnx":
+            require_extra("export", "ONNX export and its verification")  # before loading and tracing the model
         check_exportable_config(cfg)
         model = load_inference_model(cfg)
         path = export_model(model, args.format, args.output, opset=args.opset)
         generator = torch.Generator().manual_seed(0)
         images = [torch.rand(3, h, w, generator=generator) * 255 for h, w in verification_sizes(cfg)]
         verify_export(model, path, images, atol=args.atol)
-    except (InputError, ExportError) as e:
+    except (InputError, ExportError, MissingExtraError) as e:
         sys.exit(f"export_model.py: error: {e}")
     logger.info("Wrote %s", path)
     return 0

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "COCO_NO_OBJECT_ROW",
     "COCO_PANOPTIC_NO_OBJECT_ROW",
+    "DETR_CHECKPOINT_DESCRIPTION",
+    "TORCHVISION_RESNET_DESCRIPTION",
     "coco_class_head_rows",
     "coco_panoptic_class_head_rows",
     "convert_detr_state_dict",
@@ -56,6 +58,16 @@ _COCO_PANOPTIC_HEAD_ROWS = COCO_PANOPTIC_NO_OBJECT_ROW + 1
 _SEGM_DETR_PREFIX = "detr."
 _SEGM_MASK_PREFIXES = ("bbox_attention.", "mask_head.")
 
+#: What tools/convert_detr_checkpoint.py expects, for its error messages.
+DETR_CHECKPOINT_DESCRIPTION = (
+    "an original DETR checkpoint of facebookresearch/detr (e.g. detr-r50-e632da11.pth): a torch.save file with "
+    "a \"model\" state dict of keys backbone.0.body.* (torchvision ResNet), transformer.*, input_proj.*, "
+    "query_embed.*, class_embed.*, bbox_embed.*")
+#: What tools/convert_torchvision_resnet.py expects, for its error messages.
+TORCHVISION_RESNET_DESCRIPTION = (
+    "a torchvision ResNet state dict (e.g. resnet50-0676ba61.pth): a torch.save file of keys conv1.*, bn1.*, "
+    "layer1.* .. layer4.*, fc.*")
+
 _DETR_BACKBONE_PREFIX = "backbone.0.body."
 # The original Joiner's position embedding (``backbone.1``) has parameters only when "learned".
 _DETR_POSITION_PREFIX = "backbone.1."
@@ -67,6 +79,8 @@ _DETR_REQUIRED_KEYS = (
     "class_embed.weight",
     "class_embed.bias",
 )
+# First bytes of a torch.save file: a zip archive (the default), or a pickle of protocol 2 (the legacy format).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80\x02")
 _RESNET_REQUIRED_KEYS = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer4.0.conv1.weight")
 
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -281,22 +295,70 @@ def resnet_depth(state_dict: Mapping[str, torch.Tensor], prefix: str = "backbone
     return (_BOTTLENECK_DEPTHS if bottleneck else _BASIC_DEPTHS).get(tuple(blocks))
 
 
-def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+def _describe_start(head: bytes) -> str:
+    """What the first bytes of a file that torch.save did not write look like, for an error message."""
+    if head[:1] == b"\x80":
+        return f"it is a plain Python pickle (protocol {head[1]}), not a torch.save file"
+    text = head.decode("utf-8", errors="replace")
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
+        first_line = text.strip().splitlines()[0][:60] if text.strip() else ""
+        kind = "an HTML page" if text.lstrip().lower().startswith(("<!doctype html", "<html")) else "text"
+        return f"it is {kind}, starting with {first_line!r}"
+    return f"it starts with the bytes {head[:8].hex(' ')}"
+
+
+def _unsupported_global(error: Exception) -> Optional[str]:
+    """The class or function a ``weights_only`` load refused, from torch's message; None if not such an error."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return match.group(1) if match else None
+
+
+def load_state_dict_file(path: str, expected: str = "a checkpoint written by torch.save") -> Dict[str, torch.Tensor]:
     """The model state dict of a ``torch.save`` file: its ``"model"`` entry if it has one, else the file's dict.
 
     Loads with ``weights_only=True`` where torch supports it (argparse.Namespace, which DETR's training
     checkpoints store under ``"args"``, is allowed), so no code from the file runs.
+
+    Args:
+        expected: what the file should be, for the error messages.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a file.
+        ValueError: naming ``path`` and ``expected``, if the file is empty, was not written by torch.save (text,
+            a web page, a plain pickle), is truncated or corrupt, holds objects other than tensors and plain
+            containers (e.g. a whole pickled model), or holds no dict.
     """
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"{path} {what}; expected {expected}.")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise ValueError(f"{path} is empty: download or copy it again; expected {expected}.")
+    if not head.startswith(_TORCH_MAGIC):
+        raise ValueError(f"{path} was not written by torch.save: {_describe_start(head)}; expected {expected}.")
     safe_globals = getattr(torch.serialization, "safe_globals", None)
-    if safe_globals is None:  # torch < 2.5: no allow-list for weights_only loading
-        data = torch.load(path, map_location="cpu")
-    else:
-        with safe_globals([argparse.Namespace]):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if safe_globals is None:  # torch < 2.5: no allow-list for weights_only loading
+            data = torch.load(path, map_location="cpu")
+        else:
+            with safe_globals([argparse.Namespace]):
+                data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds of errors on a damaged file
+        refused = _unsupported_global(e)
+        if refused:
+            raise ValueError(
+                f"{path} holds a {refused}, not only tensors and plain containers; d2_detr loads checkpoints "
+                f"without running code from them. Expected {expected}. (For a whole model saved with "
+                f"torch.save(model), save torch.save(model.state_dict(), path) instead.)") from e
+        reason = str(e).strip().split(". ")[0].splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"{path} cannot be read by torch.load ({type(e).__name__}: {reason}): it is truncated or "
+                         f"corrupt. Download or copy it again; expected {expected}.") from e
     if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
         return dict(data["model"])
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not a state dict or a checkpoint dict")
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a state dict or a checkpoint dict; "
+                         f"expected {expected}.")
     return dict(data)
 
 

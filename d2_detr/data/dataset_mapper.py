@@ -10,6 +10,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
+from .images import read_dataset_image
 from .masks import check_polygon_cropping, rasterize_polygons
 from .panoptic import panoptic_annotations_to_instances
 
@@ -46,7 +47,8 @@ class DetrDatasetMapper:
     Crowd annotations are dropped; masks are kept only when ``mask_on`` (polygons are rasterised before
     augmentation when ``mask_format`` is "bitmask"). Boxes that end up empty (zero width or height, or
     cropped away) are removed. Grayscale and RGBA images are converted to
-    ``image_format`` by Detectron2's ``read_image``.
+    ``image_format`` by Detectron2's ``read_image``; a missing or undecodable image raises
+    :class:`~d2_detr.data.images.ImageReadError` naming the file.
     """
 
     @configurable
@@ -87,7 +89,7 @@ class DetrDatasetMapper:
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_dataset_image(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)
         augmentations = self.augmentations
         if self.crop_augmentations is not None and np.random.rand() < self.crop_prob:

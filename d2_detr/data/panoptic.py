@@ -13,9 +13,10 @@ from typing import Dict, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
+
+from .images import read_dataset_image
 
 __all__ = ["panoptic_annotations_to_instances", "rgb_to_id"]
 
@@ -40,7 +41,7 @@ def panoptic_annotations_to_instances(
     Returns:
         Instances with gt_classes (n,), gt_masks (BitMasks (n, H, W)) and gt_boxes (the masks' tight XYXY boxes).
     """
-    pan_seg = utils.read_image(dataset_dict.pop("pan_seg_file_name"), "RGB")  # (H0, W0, 3) uint8
+    pan_seg = read_dataset_image(dataset_dict.pop("pan_seg_file_name"), "RGB")  # (H0, W0, 3) uint8
     segment_ids = rgb_to_id(transforms.apply_segmentation(pan_seg))  # (H, W)
     if segment_ids.shape != tuple(image_shape):
         raise ValueError(f"panoptic PNG of size {pan_seg.shape[:2]} does not match its image "

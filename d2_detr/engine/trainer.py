@@ -5,7 +5,7 @@ import os
 import weakref
 
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator
 from detectron2.modeling import build_model
@@ -13,15 +13,17 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.build import build_batched_test_loader
+from ..data.categories import dataset_thing_classes
+from ..data.check import check_before_training
 from ..data.dataset_mapper import DetrDatasetMapper
-from ..env import detectron2_has_compiled_ops
+from ..env import detectron2_has_compiled_ops, require_extra
 from .checkpointer import AtomicDetectionCheckpointer
 from .optimizer import build_detr_optimizer
 from .train_loop import AccumulatingTrainer, amp_dtype, create_ddp_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetrTrainer", "check_num_classes", "micro_batch_size"]
+__all__ = ["DetrTrainer", "check_evaluation_dependencies", "check_num_classes", "micro_batch_size"]
 
 # Detectron2 v0.6's DefaultTrainer leaves the optimizer (and AMP grad scaler) out of its checkpoints, so
 # --resume restarted AdamW from scratch; later versions save them under "_trainer".
@@ -30,13 +32,34 @@ _BASE_SAVES_TRAINER_STATE = "load_state_dict" in vars(DefaultTrainer)
 
 def check_num_classes(cfg) -> None:
     """Fail at start-up, not with a silently wrong head, when MODEL.DETR.NUM_CLASSES disagrees with the
-    ``thing_classes`` of a registered dataset the config uses."""
+    ``thing_classes`` of a registered dataset the config uses (for a dataset registered with
+    ``register_coco_instances``, the categories of its json file)."""
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
-        classes = MetadataCatalog.get(name).get("thing_classes")
+        classes = dataset_thing_classes(name)
         if classes is not None and len(classes) != cfg.MODEL.DETR.NUM_CLASSES:
+            metadata = MetadataCatalog.get(name)
+            source = "its metadata" if metadata.get("thing_classes") else f"the categories of {metadata.json_file}"
             raise ValueError(
                 f"MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}, but dataset {name!r} has "
-                f"{len(classes)} thing_classes; set MODEL.DETR.NUM_CLASSES {len(classes)}.")
+                f"{len(classes)} thing_classes (from {source}); set MODEL.DETR.NUM_CLASSES {len(classes)}.")
+
+
+def _panoptic_evaluation(cfg: CfgNode, dataset_name: str) -> bool:
+    """Whether ``dataset_name`` is evaluated by panoptic quality (``COCOPanopticEvaluator``)."""
+    return (MetadataCatalog.get(dataset_name).get("evaluator_type") == "coco_panoptic_seg"
+            and cfg.MODEL.MASK_ON and cfg.MODEL.DETR.PANOPTIC_ON)
+
+
+def _require_panoptic_extra(dataset_name: str) -> None:
+    require_extra("panoptic", f"Panoptic quality evaluation of {dataset_name!r} (COCOPanopticEvaluator)")
+
+
+def check_evaluation_dependencies(cfg: CfgNode) -> None:
+    """Fail at start-up, not after training, when evaluating a dataset of DATASETS.TEST needs an extra that is not
+    installed (panoptic quality: d2-detr's "panoptic" extra)."""
+    for name in cfg.DATASETS.TEST:
+        if _panoptic_evaluation(cfg, name):
+            _require_panoptic_extra(name)
 
 
 def micro_batch_size(cfg: CfgNode) -> int:
@@ -70,6 +93,7 @@ class DetrTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         micro = micro_batch_size(cfg) // comm.get_world_size()  # checks the batch keys before any building
+        check_evaluation_dependencies(cfg)
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -115,9 +139,14 @@ class DetrTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Micro-batches of ``micro_batch_size(cfg) / world size`` images per process."""
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True),
-                                            total_batch_size=micro_batch_size(cfg))
+        """Micro-batches of ``micro_batch_size(cfg) / world size`` images per process, after the datasets' check
+        of ``DATASETS.CHECK_BEFORE_TRAINING``."""
+        batch_size = micro_batch_size(cfg)
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN,
+                                              filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        check_before_training(cfg, dataset)
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=DetrDatasetMapper(cfg, is_train=True),
+                                            total_batch_size=batch_size)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -136,6 +165,7 @@ class DetrTrainer(DefaultTrainer):
                            "and MODEL.DETR.PANOPTIC_ON True; not evaluated")
                 logger.warning(message)
                 raise NotImplementedError(message)  # DefaultTrainer.test skips the dataset
+            _require_panoptic_extra(dataset_name)
             return COCOPanopticEvaluator(dataset_name, output_dir=output_folder)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,

@@ -5,7 +5,7 @@
     verify_export(model, path, [image_a, image_b])                # outputs equal the PyTorch model's, or raises
 
 The graph takes a padded image batch and the image sizes and returns boxes, scores, labels (and masks); see
-d2_detr.export.wrapper.
+d2_detr.export.wrapper. ONNX needs d2-detr's "export" extra (onnx, onnxruntime): pip install 'd2-detr[export]'.
 """
 from .exporter import (
     EXPORT_FORMATS,

@@ -19,6 +19,7 @@ import torch
 from detectron2.config import CfgNode
 from torch import Tensor, nn
 
+from ..env import import_optional, require_extra
 from ..modeling.detr import Detr
 from .wrapper import INPUT_NAMES, BackboneFeatures, output_names, trace_detr
 
@@ -140,8 +141,7 @@ def export_onnx(module: torch.jit.ScriptModule, inputs: Tuple[Tensor, Tensor], p
         with_masks: whether the graph returns masks (the model has a mask head).
         opset: ONNX opset, at least :data:`MIN_ONNX_OPSET`.
     """
-    import onnx
-
+    onnx = import_optional("onnx", "export", "ONNX export")
     _check_opset(opset)
     outputs = output_names(with_masks)
     dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}}
@@ -167,12 +167,14 @@ def _check_opset(opset: int) -> None:
 def export_model(model: nn.Module, fmt: str, output_dir: str, opset: int = MIN_ONNX_OPSET) -> str:
     """Export ``model`` (a ``Detr``; put in eval mode) to ``output_dir`` in format ``fmt``; returns the file's path.
 
-    Raises :class:`ExportError` for an unknown format or a model that cannot be exported.
+    Raises :class:`ExportError` for an unknown format or a model that cannot be exported, and
+    :class:`~d2_detr.env.MissingExtraError` for ONNX without d2-detr's "export" extra (onnx, onnxruntime).
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}.")
     if fmt == "onnx":
         _check_opset(opset)
+        require_extra("export", "ONNX export")  # before tracing, not after
     check_exportable_model(model)
     model.eval()
     inputs = example_inputs(model)

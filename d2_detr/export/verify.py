@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..env import import_optional
 from .exporter import ExportError
 from .wrapper import INPUT_NAMES, output_names
 
@@ -43,8 +44,7 @@ def load_exported(path: str) -> ExportedModel:
     """An exported file as a function on CPU tensors: ``.onnx`` through onnxruntime (CPU), anything else through
     ``torch.jit.load``."""
     if path.endswith(".onnx"):
-        import onnxruntime
-
+        onnxruntime = import_optional("onnxruntime", "export", "Running an ONNX file")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: no warnings about de-duplicated initializers
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])

@@ -25,7 +25,11 @@ def feature_padding_mask(
         BoolTensor (B, H, W), True on padded cells.
     """
     height, width = feature_hw
-    if not isinstance(image_sizes, torch.Tensor):
+    if torch.jit.is_tracing() and not isinstance(image_sizes, torch.Tensor):
+        # Traced ImageList sizes are 0-dim tensors (Detectron2's TracingAdapter, e.g. its FLOP counter): stacked,
+        # they stay traced values instead of constants.
+        image_sizes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in image_sizes])
+    elif not isinstance(image_sizes, torch.Tensor):
         image_sizes = torch.as_tensor(image_sizes, dtype=torch.int64)
     sizes = image_sizes.to(device=device, dtype=torch.int64).reshape(-1, 2)  # (B, 2)
     valid_hw = torch.div(sizes + stride - 1, stride, rounding_mode="floor")  # ceil(size / stride)
