@@ -11,7 +11,7 @@ keep their names and meaning, so configs written for it load unchanged.
 import difflib
 import os
 import re
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import yaml
 from detectron2.config import CfgNode as CN
@@ -194,22 +194,23 @@ def _has_key(cfg: CN, key: str) -> bool:
     return True
 
 
-def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True) -> CN:
+def load_config(config_file: Optional[str], opts: Sequence[str] = (), freeze: bool = True) -> CN:
     """Detectron2's default config with d2_detr's keys (:func:`add_detr_config`), then ``config_file`` (a YAML
-    file, ``_BASE_`` files included), then ``opts``: ``KEY VALUE`` pairs as on the command line
+    file, ``_BASE_`` files included; None: none), then ``opts``: ``KEY VALUE`` pairs as on the command line
     (``["SOLVER.BASE_LR", "0.0002", ...]``). Frozen unless ``freeze`` is False.
 
     Raises:
         ConfigError: the file does not exist or is not valid YAML, a key (in the file or in ``opts``) does not
             exist, a value has the wrong type, or ``opts`` is not a list of pairs; the message names which.
     """
-    if not os.path.isfile(config_file):
+    if config_file is not None and not os.path.isfile(config_file):
         raise ConfigError(f"config file {config_file!r} does not exist (relative paths start at "
                           f"{os.getcwd()}); pass the path of a YAML config, e.g. configs/detr_r50.yaml.")
     cfg = get_cfg()
     add_detr_config(cfg)
     try:
-        cfg.merge_from_file(config_file)
+        if config_file is not None:
+            cfg.merge_from_file(config_file)
     except KeyError as e:  # yacs: "Non-existent config key: A.B"
         message = str(e.args[0]) if e.args else str(e)
         unknown = re.fullmatch(r"Non-existent config key: (\S+)", message)

@@ -15,6 +15,13 @@ def test_file_then_overrides_frozen():
     assert not load_config(TINY_CONFIG, freeze=False).is_frozen()
 
 
+def test_no_file_defaults_then_overrides():
+    cfg = load_config(None, ["MODEL.DETR.NUM_CLASSES", "3"])
+    assert cfg.MODEL.DETR.NUM_CLASSES == 3 and cfg.MODEL.DETR.HIDDEN_DIM == 256  # d2_detr's default
+    with pytest.raises(ConfigError, match="unknown config key MODEL.DETR.NUM_CLASES"):
+        load_config(None, ["MODEL.DETR.NUM_CLASES", "3"])
+
+
 def test_missing_file_is_named(tmp_path):
     missing = str(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match=f"config file '{missing}' does not exist"):
