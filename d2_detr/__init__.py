@@ -10,8 +10,8 @@ from .env import check_torch_version
 check_torch_version()  # before anything below uses a newer torch's API
 
 from . import checkpoint, data, modeling  # noqa: E402, F401  (registers components, datasets and weights paths)
-from .config import add_detr_config  # noqa: E402
+from .config import add_detr_config, load_config  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["add_detr_config", "__version__"]
+__all__ = ["add_detr_config", "load_config", "__version__"]

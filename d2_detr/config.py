@@ -4,10 +4,20 @@ Keys written for facebookresearch/detr's Detectron2 wrapper (``MODEL.DETR.{NUM_C
 L1_WEIGHT, DEEP_SUPERVISION, NO_OBJECT_WEIGHT, NHEADS, DROPOUT, DIM_FEEDFORWARD, ENC_LAYERS, DEC_LAYERS,
 PRE_NORM, HIDDEN_DIM, NUM_OBJECT_QUERIES, FROZEN_WEIGHTS}``, ``SOLVER.{OPTIMIZER, BACKBONE_MULTIPLIER}``)
 keep their names and meaning, so configs written for it load unchanged.
-"""
-from detectron2.config import CfgNode as CN
 
-__all__ = ["add_detr_config"]
+:func:`load_config` is how every tool reads a config: Detectron2's defaults, these keys, a YAML file, then
+``KEY VALUE`` overrides, with an error naming the file, key or value for what cannot be loaded.
+"""
+import difflib
+import os
+import re
+from typing import Iterator, Optional, Sequence
+
+import yaml
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["ConfigError", "add_detr_config", "load_config"]
 
 
 def add_detr_config(cfg: CN) -> None:
@@ -158,3 +168,73 @@ def add_detr_config(cfg: CN) -> None:
     # With SOLVER.AMP.ENABLED: the autocast dtype. "float16" (with a gradient scaler), "bfloat16" (no scaler
     # needed), or "auto": float16 on CUDA, bfloat16 on CPU. Matching and losses always run in float32.
     cfg.SOLVER.AMP.DTYPE = "auto"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be loaded; the message names the file, key or value."""
+
+
+def _keys(node: CN, prefix: str = "") -> Iterator[str]:
+    """Every full key of a config (``MODEL.DETR.NUM_CLASSES``, ...), sub-configs included."""
+    for name, value in node.items():
+        yield prefix + name
+        if isinstance(value, CN):
+            yield from _keys(value, prefix + name + ".")
+
+
+def _unknown_key(cfg: CN, key: str, where: str) -> ConfigError:
+    """The error for a key the config does not have, with the closest existing keys as suggestions."""
+    close = difflib.get_close_matches(key, list(_keys(cfg)), n=3, cutoff=0.85)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(f"{where}: unknown config key {key}.{hint} d2_detr's keys are listed in "
+                       "docs/configuration.md; the others are Detectron2's (detectron2/config/defaults.py).")
+
+
+def _has_key(cfg: CN, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load_config(config_file: Optional[str], opts: Sequence[str] = (), freeze: bool = True) -> CN:
+    """Detectron2's default config with d2_detr's keys (:func:`add_detr_config`), then ``config_file`` (a YAML
+    file, ``_BASE_`` files included; None: none), then ``opts``: ``KEY VALUE`` pairs as on the command line
+    (``["SOLVER.BASE_LR", "0.0002", ...]``). Frozen unless ``freeze`` is False.
+
+    Raises:
+        ConfigError: the file does not exist or is not valid YAML, a key (in the file or in ``opts``) does not
+            exist, a value has the wrong type, or ``opts`` is not a list of pairs; the message names which.
+    """
+    if config_file is not None and not os.path.isfile(config_file):
+        raise ConfigError(f"config file {config_file!r} does not exist (relative paths start at "
+                          f"{os.getcwd()}); pass the path of a YAML config, e.g. configs/detr_r50.yaml.")
+    cfg = get_cfg()
+    add_detr_config(cfg)
+    try:
+        if config_file is not None:
+            cfg.merge_from_file(config_file)
+    except KeyError as e:  # yacs: "Non-existent config key: A.B"
+        message = str(e.args[0]) if e.args else str(e)
+        unknown = re.fullmatch(r"Non-existent config key: (\S+)", message)
+        if unknown:
+            raise _unknown_key(cfg, unknown.group(1), config_file) from None
+        raise ConfigError(f"{config_file}: {message}") from e
+    except (OSError, ValueError, AssertionError, yaml.YAMLError) as e:  # missing _BASE_, type mismatch, syntax
+        raise ConfigError(f"{config_file}: {type(e).__name__}: {e}") from e
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(f"config overrides {opts} are not KEY VALUE pairs (odd number of items); "
+                          "write each key followed by its value, e.g. SOLVER.BASE_LR 0.0002.")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if not _has_key(cfg, key):
+            raise _unknown_key(cfg, key, f"override {key} {value}")
+        try:
+            cfg.merge_from_list([key, value])
+        except (KeyError, ValueError, AssertionError) as e:  # yacs: type mismatch, renamed key, ...
+            raise ConfigError(f"override {key} {value}: {e}") from e
+    if freeze:
+        cfg.freeze()
+    return cfg

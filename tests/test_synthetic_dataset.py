@@ -1,4 +1,4 @@
-"""Tests of the built-in synthetic shapes dataset (d2_detr.data.synthetic)."""
+"""Tests of the built-in synthetic shapes dataset (d2_detr.data.synthetic: render, coco, store, catalog)."""
 import json
 import os
 import uuid
@@ -7,10 +7,10 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from d2_detr.data import synthetic
 from d2_detr.data.synthetic import (
     BUILTIN_SYNTHETIC_DATASETS,
     SYNTHETIC_CLASSES,
@@ -23,6 +23,8 @@ from d2_detr.data.synthetic import (
     register_synthetic_shapes,
     render_image,
 )
+from d2_detr.data.synthetic import coco as synthetic_coco
+from d2_detr.data.synthetic_panoptic import register_synthetic_panoptic
 
 K = len(SYNTHETIC_CLASSES)
 
@@ -159,7 +161,7 @@ def test_cached_and_regenerated_when_params_change(tmp_path, monkeypatch):
         raise AssertionError("regenerated a complete dataset")
 
     with monkeypatch.context() as m:
-        m.setattr(synthetic, "_write_dataset", fail)
+        m.setattr(synthetic_coco, "write_detection_dataset", fail)
         generate_synthetic_shapes(target, small)
 
     bigger = SyntheticShapesConfig(num_images=5, seed=1, image_size=32)
@@ -172,7 +174,7 @@ def test_cached_and_regenerated_when_params_change(tmp_path, monkeypatch):
 def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
     target = str(tmp_path / "ds")
     config = SyntheticShapesConfig(num_images=4, seed=2, image_size=32)
-    real_render = synthetic.render_image
+    real_render = synthetic_coco.render_image
     calls = []
 
     def render_then_crash(cfg, index):
@@ -182,7 +184,7 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
         return real_render(cfg, index)
 
     with monkeypatch.context() as m:
-        m.setattr(synthetic, "render_image", render_then_crash)
+        m.setattr(synthetic_coco, "render_image", render_then_crash)
         with pytest.raises(KeyboardInterrupt):
             generate_synthetic_shapes(target, config)
     assert sorted(os.listdir(tmp_path)) == [".ds.lock"]
@@ -201,12 +203,13 @@ def test_registered_dataset_loads_through_catalog(tmp_path, dataset_name):
     meta = MetadataCatalog.get(dataset_name)
     assert meta.thing_classes == list(SYNTHETIC_CLASSES)
     assert meta.evaluator_type == "coco"
-    assert meta.json_file == os.path.join(str(tmp_path), dataset_name, "annotations.json")
-    assert not os.path.exists(meta.json_file)  # generated lazily
+    json_file = os.path.join(str(tmp_path), dataset_name, "annotations.json")
+    assert meta.as_dict()["json_file"] == json_file
+    assert not os.path.exists(os.path.join(str(tmp_path), dataset_name))  # generated lazily
     assert is_synthetic_dataset(dataset_name) and not is_synthetic_dataset("coco_2017_train")
 
     records = DatasetCatalog.get(dataset_name)
-    assert os.path.isfile(meta.json_file)
+    assert os.path.isfile(json_file) and meta.json_file == json_file
     assert len(records) == 6
     category_ids = set()
     for record in records:
@@ -226,9 +229,39 @@ def test_registered_dataset_loads_through_catalog(tmp_path, dataset_name):
 def test_ensure_generated_before_any_load(tmp_path, dataset_name):
     register_synthetic_shapes(dataset_name, num_images=2, seed=0, image_size=32, root=str(tmp_path))
     ensure_all_generated(["not_a_synthetic_dataset", dataset_name])
-    assert os.path.isfile(MetadataCatalog.get(dataset_name).json_file)
+    assert os.path.isfile(MetadataCatalog.get(dataset_name).as_dict()["json_file"])
     with pytest.raises(KeyError):
         ensure_generated("not_a_synthetic_dataset")
+
+
+@pytest.mark.parametrize("attribute", ["json_file", "image_root"])
+def test_reading_a_file_path_of_the_metadata_generates_the_files(tmp_path, dataset_name, attribute):
+    """What Detectron2 reads from the metadata exists when it reads it, with no call to ensure_generated."""
+    register_synthetic_shapes(dataset_name, num_images=3, seed=4, image_size=32, empty_fraction=0.0,
+                              root=str(tmp_path))
+    meta = MetadataCatalog.get(dataset_name)
+    assert meta.thing_classes and meta.get("evaluator_type") == "coco"  # other attributes generate nothing
+    assert not os.path.exists(os.path.join(str(tmp_path), dataset_name))
+    path = getattr(meta, attribute)
+    assert os.path.exists(path)
+    assert len(os.listdir(meta.image_root)) == 3 and os.path.isfile(meta.json_file)
+
+
+def test_panoptic_variant_generates_its_files_when_its_metadata_paths_are_read(tmp_path, dataset_name):
+    """COCOPanopticEvaluator reads panoptic_json and panoptic_root: they exist once read."""
+    register_synthetic_panoptic(dataset_name, num_images=2, seed=8, image_size=32, root=str(tmp_path))
+    meta = MetadataCatalog.get(dataset_name)
+    assert meta.evaluator_type == "coco_panoptic_seg"
+    assert not os.path.exists(os.path.join(str(tmp_path), dataset_name))
+    assert len(os.listdir(meta.panoptic_root)) == 2 and os.path.isfile(meta.panoptic_json)
+
+
+def test_coco_evaluator_built_before_any_load(tmp_path, dataset_name):
+    """COCOEvaluator opens the json file in its constructor: it works on a freshly registered dataset."""
+    register_synthetic_shapes(dataset_name, num_images=2, seed=6, image_size=32, empty_fraction=0.0,
+                              root=str(tmp_path))
+    evaluator = COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=str(tmp_path / "eval"))
+    assert len(evaluator._coco_api.getImgIds()) == 2
 
 
 def test_register_builtin_is_idempotent_and_lazy():
@@ -236,7 +269,7 @@ def test_register_builtin_is_idempotent_and_lazy():
     register_builtin_synthetic()
     for name, config in BUILTIN_SYNTHETIC_DATASETS.items():
         assert name in DatasetCatalog.list()
-        assert MetadataCatalog.get(name).json_file.endswith(os.path.join(name, "annotations.json"))
+        assert MetadataCatalog.get(name).as_dict()["json_file"].endswith(os.path.join(name, "annotations.json"))
     train = BUILTIN_SYNTHETIC_DATASETS["synthetic_shapes_train"]
     val = BUILTIN_SYNTHETIC_DATASETS["synthetic_shapes_val"]
     assert train.seed != val.seed

@@ -91,6 +91,14 @@ def test_num_classes_mismatch_is_caught_at_start_up(tmp_path):
     assert "MODEL.DETR.NUM_CLASSES=7" in proc.stderr and "set MODEL.DETR.NUM_CLASSES 5" in proc.stderr
 
 
+def test_config_errors_are_messages_not_tracebacks(tmp_path):
+    proc = train_net("OUTPUT_DIR", tmp_path, "MODEL.DETR.NUM_CLASES", 7, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert ("train_net.py: error: override MODEL.DETR.NUM_CLASES 7: unknown config key MODEL.DETR.NUM_CLASES. "
+            "Did you mean MODEL.DETR.NUM_CLASSES?") in proc.stderr
+    assert not os.listdir(tmp_path)
+
+
 @pytest.fixture
 def coco_datasets(tmp_path):
     """Two datasets registered with register_coco_instances, of 3 and 2 classes; their thing_classes are only

@@ -26,13 +26,13 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.utils.analysis import activation_count_operators, parameter_count_table
 from detectron2.utils.logger import setup_logger
 from fvcore.nn import flop_count_table
 from torch import nn
 
-from d2_detr import add_detr_config
+from d2_detr.config import ConfigError, load_config
 from d2_detr.data.build import build_batched_test_loader
 from d2_detr.data.dataset_mapper import DetrDatasetMapper
 from d2_detr.engine import DetrTrainer
@@ -60,13 +60,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def setup_cfg(config_file: str, opts: List[str]) -> CfgNode:
     """The frozen config: Detectron2's defaults, d2_detr's keys, the config file, no loader workers, ``opts``."""
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.merge_from_list(opts)
-    cfg.freeze()
-    return cfg
+    return load_config(config_file, ["DATALOADER.NUM_WORKERS", "0", *opts])
 
 
 def build_model(cfg: CfgNode) -> nn.Module:
@@ -161,8 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logger(name="analyze_model")
     try:
         cfg = setup_cfg(args.config_file, list(args.opts))
-    except (OSError, KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, bad value, odd KEY VALUE list
-        sys.exit(f"analyze_model.py: error: config {args.config_file!r} with overrides {args.opts}: {e}")
+    except ConfigError as e:
+        sys.exit(f"analyze_model.py: error: {e}")
     if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"analyze_model.py: error: MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available here; "
                  "pass MODEL.DEVICE cpu (the counts do not depend on the device).")

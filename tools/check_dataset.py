@@ -14,11 +14,10 @@ import argparse
 import os
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.logger import setup_logger
 
-from d2_detr import add_detr_config
+from d2_detr.config import ConfigError, load_config
 from d2_detr.data.check import LEVELS, check_datasets
 from d2_detr.engine.trainer import check_num_classes
 
@@ -49,11 +48,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger()
     setup_logger(name="d2_detr")
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg = load_config(args.config_file or None, args.opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     errors = []
     names = list(args.dataset)

@@ -17,10 +17,9 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from detectron2.config import CfgNode, get_cfg
 from detectron2.utils.logger import setup_logger
 
-from d2_detr import add_detr_config
+from d2_detr.config import ConfigError, load_config
 from d2_detr.utils.visualize import (
     DetrPredictor,
     InputError,
@@ -62,16 +61,6 @@ def split_trailing_opts(inputs: List[str], opts: List[str]) -> Tuple[List[str], 
     return inputs, opts
 
 
-def setup_cfg(args: argparse.Namespace, opts: List[str]) -> CfgNode:
-    """The frozen config: Detectron2's defaults, d2_detr's keys, the config file, then ``opts``."""
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(opts)
-    cfg.freeze()
-    return cfg
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     inputs, opts = split_trailing_opts(args.input, list(args.opts) + list(args.flag_opts))
@@ -80,12 +69,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logger(name="fvcore")
     if not inputs:
         sys.exit("demo.py: error: --input names no image; pass image paths, folders or glob patterns.")
-    if not os.path.isfile(args.config_file):
-        sys.exit(f"demo.py: error: config file {args.config_file!r} does not exist.")
     try:
-        cfg = setup_cfg(args, opts)
-    except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, bad value, odd KEY VALUE list
-        sys.exit(f"demo.py: error: config {args.config_file!r} with overrides {opts}: {e}")
+        cfg = load_config(args.config_file, opts)
+    except ConfigError as e:
+        sys.exit(f"demo.py: error: {e}")
     try:
         images = find_images(inputs)
         model = load_inference_model(cfg)

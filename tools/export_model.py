@@ -19,10 +19,10 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.utils.logger import setup_logger
 
-from d2_detr import add_detr_config
+from d2_detr.config import ConfigError, load_config
 from d2_detr.env import MissingExtraError, require_extra
 from d2_detr.export import (
     EXPORT_FORMATS,
@@ -53,10 +53,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def setup_cfg(config_file: str, opts: List[str]) -> CfgNode:
     """The frozen config: Detectron2's defaults, d2_detr's keys, the config file, ``opts``, then MODEL.DEVICE cpu."""
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = load_config(config_file, opts, freeze=False)
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
@@ -76,8 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logger(name="fvcore")
     try:
         cfg = setup_cfg(args.config_file, list(args.opts))
-    except (OSError, KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, bad value, odd KEY VALUE list
-        sys.exit(f"export_model.py: error: config {args.config_file!r} with overrides {args.opts}: {e}")
+    except ConfigError as e:
+        sys.exit(f"export_model.py: error: {e}")
     try:
         if args.format == "onnx":
             require_extra("export", "ONNX export and its verification")  # before loading and tracing the model

@@ -11,10 +11,9 @@ with Detectron2's Visualizer. Trailing KEY VALUE pairs override the config as in
 import argparse
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
-from d2_detr import add_detr_config
+from d2_detr.config import ConfigError, load_config
 from d2_detr.utils.visualize import InputError, load_inference_model
 from d2_detr.utils.visualize_panoptic import draw_panoptic_grid
 
@@ -29,14 +28,10 @@ def main() -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE")
     args = parser.parse_args()
     setup_logger(name="d2_detr")
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
     try:
+        cfg = load_config(args.config_file, args.opts)
         model = load_inference_model(cfg)
-    except InputError as e:
+    except (ConfigError, InputError) as e:
         sys.exit(f"error: {e}")
     path = draw_panoptic_grid(cfg, model, args.dataset or cfg.DATASETS.TEST[0], args.output, args.num_images,
                               args.scale)

@@ -31,6 +31,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
+from ..utils.file_io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -362,7 +364,7 @@ def load_state_dict_file(path: str, expected: str = "a checkpoint written by tor
 
 def save_converted_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
     """Write ``{"model": state_dict, "__author__": "d2_detr", "matching_heuristics": False}`` with
-    ``torch.save``, atomically (a temporary file in the same folder, then ``os.replace``).
+    ``torch.save``, atomically (:func:`d2_detr.utils.file_io.atomic_write`).
 
     Detectron2's ``DetectionCheckpointer`` (``MODEL.WEIGHTS``) loads the result by exact names.
 
@@ -371,15 +373,7 @@ def save_converted_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str)
     """
     if path.endswith(".pkl"):
         raise ValueError(f"{path}: Detectron2 reads .pkl files as plain pickles; use a .pth name")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     checkpoint = {"model": dict(state_dict), "__author__": "d2_detr", "matching_heuristics": False}
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(checkpoint, f)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
     logger.info("Wrote %d tensors to %s", len(state_dict), path)

@@ -1,7 +1,7 @@
 """The panoptic variant of the synthetic shapes dataset: things (the shapes) on "stuff" regions, in COCO
 panoptic format, registered with Detectron2's ``register_coco_panoptic``.
 
-Each image is the detection dataset's image (:func:`~d2_detr.data.synthetic.render_image`, same parameters)
+Each image is the detection dataset's image (:func:`~d2_detr.data.synthetic.render.render_image`, same parameters)
 whose background -- every pixel not covered by a drawn shape -- is split into 1..``max_stuff_regions`` regions
 (Voronoi cells with wavy borders), each filled with the texture of a random stuff class of
 :data:`STUFF_CLASSES`: "smooth" keeps the detection dataset's background, "stripes" and "checks" draw two-colour
@@ -16,7 +16,8 @@ stuff classes get 6..8; Detectron2's contiguous ids put all 8 in one space (thin
 
 Files under ``<root>/<name>/``: ``images/*.jpg`` (Detectron2's COCO panoptic loader expects .jpg images),
 ``panoptic/*.png`` (segment id = R + 256 G + 256^2 B), ``panoptic.json`` (COCO panoptic), ``annotations.json``
-(the things as COCO instances) and ``params.json``; generated on first use like the detection dataset.
+(the things as COCO instances) and ``params.json``; generated when Detectron2 first needs them, like the detection
+dataset (:mod:`d2_detr.data.synthetic.catalog`).
 """
 from __future__ import annotations
 
@@ -27,24 +28,21 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
-from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_panoptic
 from PIL import Image
 
-from .synthetic import (
+from .synthetic.catalog import register_all, track_synthetic_dataset
+from .synthetic.coco import (
     ANNOTATIONS_FILE,
     IMAGES_DIR,
-    PARAMS_FILE,
-    SYNTHETIC_CLASSES,
-    ShapeInstance,
-    SyntheticShapesConfig,
-    _annotation,
-    _dumps,
-    default_root,
+    coco_annotation,
     generate_synthetic_shapes,
-    render_image,
-    track_synthetic_dataset,
+    image_entry,
+    image_stem,
+    mask_box,
 )
+from .synthetic.render import SYNTHETIC_CLASSES, ShapeInstance, SyntheticShapesConfig, image_rng, render_image
+from .synthetic.store import default_root, write_canonical_json
 
 __all__ = [
     "STUFF_CLASSES",
@@ -79,6 +77,8 @@ _CLASS_COLOURS = [
     (220, 20, 60), (0, 130, 200), (255, 180, 0), (60, 180, 75), (145, 30, 180),
     (128, 128, 128), (170, 110, 40), (70, 240, 240),
 ]
+# The stream of image_rng drawing an image's stuff, independent of the one drawing its shapes.
+_STUFF_STREAM = 1
 # Stripe period / checker cell (pixels) and the colour distance between the two colours of a texture.
 _TEXTURE_PERIOD = (6.0, 14.0)
 _TEXTURE_CONTRAST = 80.0
@@ -86,7 +86,7 @@ _TEXTURE_CONTRAST = 80.0
 
 @dataclass(frozen=True)
 class SyntheticPanopticConfig(SyntheticShapesConfig):
-    """:class:`~d2_detr.data.synthetic.SyntheticShapesConfig` plus ``max_stuff_regions``: the background is
+    """:class:`~d2_detr.data.synthetic.render.SyntheticShapesConfig` plus ``max_stuff_regions``: the background is
     split into 1..max_stuff_regions regions, each of a random stuff class."""
 
     max_stuff_regions: int = 3
@@ -123,11 +123,6 @@ class PanopticImage:
     segment_ids: np.ndarray = field(repr=False)
     segments: List[Dict[str, Any]]
     things: List[ShapeInstance]
-
-
-def _stuff_rng(seed: int, index: int) -> np.random.Generator:
-    """Generator of image ``index``'s stuff, independent of the one drawing its shapes."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed), spawn_key=(int(index), 1))))
 
 
 def _stuff_regions(rng: np.random.Generator, height: int, width: int, max_regions: int) -> np.ndarray:
@@ -170,7 +165,7 @@ def render_panoptic_image(config: SyntheticPanopticConfig, index: int) -> Panopt
     rendered = render_image(config, index)
     image = rendered.image.astype(np.float32)
     height, width = image.shape[:2]
-    rng = _stuff_rng(config.seed, index)
+    rng = image_rng(config.seed, index, stream=_STUFF_STREAM)
     covered = np.zeros((height, width), dtype=bool)
     for instance in rendered.instances:
         covered |= instance.visible_mask
@@ -208,14 +203,11 @@ def _id_to_rgb(segment_ids: np.ndarray) -> np.ndarray:
 
 def _segment_info(segment: Dict[str, Any], mask: np.ndarray) -> Dict[str, Any]:
     """COCO panoptic ``segments_info`` entry of a segment with pixels ``mask``."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    x0, x1, y0, y1 = int(cols[0]), int(cols[-1]), int(rows[0]), int(rows[-1])
     return {
         "id": segment["id"],
         "category_id": segment["category_id"],
         "iscrowd": 0,
-        "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
+        "bbox": mask_box(mask),
         "area": int(mask.sum()),
     }
 
@@ -231,45 +223,37 @@ def _categories(things_only: bool = False) -> List[Dict[str, Any]]:
 
 
 def _write_panoptic_dataset(dataset_dir: str, config: SyntheticPanopticConfig) -> int:
-    """Write images, panoptic PNGs, ``panoptic.json``, ``annotations.json`` and finally ``params.json`` into an
-    existing empty directory; returns the number of segments."""
+    """Write images, panoptic PNGs, ``panoptic.json`` and ``annotations.json`` into an existing empty directory;
+    returns the number of segments."""
     images_dir = os.path.join(dataset_dir, IMAGES_DIR)
     panoptic_dir = os.path.join(dataset_dir, PANOPTIC_DIR)
     os.makedirs(images_dir)
     os.makedirs(panoptic_dir)
-    params = config.to_params()
     images: List[Dict[str, Any]] = []
     instances: List[Dict[str, Any]] = []
     panoptic: List[Dict[str, Any]] = []
-    digits = max(6, len(str(max(config.num_images - 1, 0))))
     for index in range(config.num_images):
         rendered = render_panoptic_image(config, index)
         image_id = index + 1
-        stem = f"{index:0{digits}d}"
+        stem = image_stem(index, config.num_images)
         Image.fromarray(rendered.image).save(os.path.join(images_dir, stem + ".jpg"), format="JPEG",
                                              quality=JPEG_QUALITY)
         Image.fromarray(_id_to_rgb(rendered.segment_ids)).save(os.path.join(panoptic_dir, stem + ".png"))
-        height, width = rendered.image.shape[:2]
-        images.append({"id": image_id, "file_name": stem + ".jpg", "height": height, "width": width})
+        images.append(image_entry(image_id, stem + ".jpg", rendered.image))
         for thing in rendered.things:
-            instances.append(_annotation(thing, len(instances) + 1, image_id))
+            instances.append(coco_annotation(thing, len(instances) + 1, image_id))
         panoptic.append({
             "image_id": image_id,
             "file_name": stem + ".png",
             "segments_info": [_segment_info(s, rendered.segment_ids == s["id"]) for s in rendered.segments],
         })
     info = {"description": "d2_detr synthetic shapes, panoptic", "version": str(PANOPTIC_GENERATOR_VERSION),
-            "params": params}
-    files = {
-        PANOPTIC_JSON: {"info": info, "licenses": [], "images": images, "annotations": panoptic,
-                        "categories": _categories()},
-        ANNOTATIONS_FILE: {"info": info, "licenses": [], "images": images, "annotations": instances,
-                           "categories": _categories(things_only=True)},
-        PARAMS_FILE: params,
-    }
-    for name, content in files.items():  # params.json last: it marks the dataset complete
-        with open(os.path.join(dataset_dir, name), "w", encoding="utf-8") as f:
-            f.write(_dumps(content))
+            "params": config.to_params()}
+    write_canonical_json(os.path.join(dataset_dir, PANOPTIC_JSON), {
+        "info": info, "licenses": [], "images": images, "annotations": panoptic, "categories": _categories()})
+    write_canonical_json(os.path.join(dataset_dir, ANNOTATIONS_FILE), {
+        "info": info, "licenses": [], "images": images, "annotations": instances,
+        "categories": _categories(things_only=True)})
     return sum(len(p["segments_info"]) for p in panoptic)
 
 
@@ -311,8 +295,8 @@ def register_synthetic_panoptic(
 ) -> None:
     """Register a synthetic panoptic dataset with Detectron2's ``register_coco_panoptic`` (evaluator_type
     "coco_panoptic_seg", so ``COCOPanopticEvaluator`` evaluates it). Files live in ``<root>/<name>/`` and are
-    generated by the first ``DatasetCatalog.get(name)`` or ``ensure_generated(name)``. Arguments as
-    :class:`SyntheticPanopticConfig`'s."""
+    generated when Detectron2 first needs them (:mod:`d2_detr.data.synthetic.catalog`) or by
+    ``ensure_generated(name)``. Arguments as :class:`SyntheticPanopticConfig`'s."""
     config = SyntheticPanopticConfig(
         num_images=num_images, seed=seed, image_size=image_size, max_objects=max_objects,
         empty_fraction=empty_fraction, object_size=object_size, max_stuff_regions=max_stuff_regions,
@@ -326,32 +310,10 @@ def register_synthetic_panoptic(
         panoptic_json=os.path.join(dataset_dir, PANOPTIC_JSON),
         instances_json=os.path.join(dataset_dir, ANNOTATIONS_FILE),
     )
-    generate = functools.partial(generate_synthetic_shapes, dataset_dir, config, _write_panoptic_dataset)
-    load_panoptic = DatasetCatalog[name]  # Detectron2's loader of the files, which must exist first
-
-    def load() -> List[Dict[str, Any]]:
-        generate()
-        return load_panoptic()
-
-    DatasetCatalog.remove(name)
-    DatasetCatalog.register(name, load)
-    track_synthetic_dataset(name, generate)
+    track_synthetic_dataset(name, functools.partial(generate_synthetic_shapes, dataset_dir, config,
+                                                    _write_panoptic_dataset))
 
 
 def register_builtin_synthetic_panoptic(root: Optional[str] = None) -> None:
     """Register :data:`BUILTIN_SYNTHETIC_PANOPTIC_DATASETS` under ``root``; names already registered are skipped."""
-    registered = set(DatasetCatalog.list())
-    for name, config in BUILTIN_SYNTHETIC_PANOPTIC_DATASETS.items():
-        if name in registered:
-            continue
-        register_synthetic_panoptic(
-            name,
-            num_images=config.num_images,
-            seed=config.seed,
-            image_size=config.image_size,
-            max_objects=config.max_objects,
-            empty_fraction=config.empty_fraction,
-            object_size=config.object_size,
-            max_stuff_regions=config.max_stuff_regions,
-            root=root,
-        )
+    register_all(BUILTIN_SYNTHETIC_PANOPTIC_DATASETS, register_synthetic_panoptic, root)

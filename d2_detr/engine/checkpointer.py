@@ -3,18 +3,19 @@
 import logging
 import os
 import re
-from typing import IO, Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from ..checkpoint.loading import CheckedCheckpointer, UnreadableCheckpointError
+from ..utils.file_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AtomicDetectionCheckpointer", "RESUME_SOURCE", "atomic_write", "checkpoint_files"]
 
-# Temporary files: ".<final name>.<pid>.tmp" next to the final file. The name never ends in ".pth", so
-# Checkpointer.get_all_checkpoint_files and last_checkpoint never take one for a checkpoint.
+# Temporary files of atomic_write: ".<final name>.<pid>.tmp" next to the final file. The name never ends in ".pth",
+# so Checkpointer.get_all_checkpoint_files and last_checkpoint never take one for a checkpoint.
 _TEMPORARY_NAME = re.compile(r"^\.(.+\.pth|last_checkpoint)\.\d+\.tmp$")
 # Periodic checkpoints of Detectron2's PeriodicCheckpointer: "model_<iteration, 7 digits>.pth".
 _PERIODIC_NAME = re.compile(r"^model_(\d+)\.pth$")
@@ -29,24 +30,6 @@ def checkpoint_files(directory: str) -> List[str]:
         return []
     return sorted(name for name in os.listdir(directory)
                   if name == "last_checkpoint" or (name.endswith(".pth") and not _TEMPORARY_NAME.match(name)))
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Create or replace the local file ``path`` with what ``write(f)`` writes to a binary file: it goes to a
-    temporary file in the same directory, flushed to disk, then renamed over ``path`` (atomic on POSIX and
-    Windows). A reader, or a run killed at any moment, sees the old file or the complete new one."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class AtomicDetectionCheckpointer(CheckedCheckpointer):

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -20,7 +20,7 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from ..checkpoint.loading import CheckpointError, load_inference_weights
-from ..config import add_detr_config
+from ..config import ConfigError, load_config as load_config_file
 from .allocator import keep_freed_memory
 from .checkpointer import RESUME_SOURCE, AtomicDetectionCheckpointer, checkpoint_files
 from .launch import launch
@@ -32,13 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 def load_config(args) -> CfgNode:
-    """The config of ``args`` (``--config-file`` + ``KEY VALUE`` overrides), frozen."""
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    return cfg
+    """The config of ``args`` (``--config-file`` + ``KEY VALUE`` overrides), frozen; see
+    :func:`d2_detr.config.load_config`."""
+    return load_config_file(args.config_file, args.opts)
 
 
 def setup(args) -> CfgNode:
@@ -122,9 +118,9 @@ def run_from_command_line(argv: Optional[List[str]] = None):
     args = parser.parse_args(argv)
     logger.info(f"Command line arguments: {args}")
     try:
-        cfg = load_config(args)
+        cfg = load_config(args)  # a bad config fails here, before any process starts
         check_output_dir(cfg, args)
         return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         sys.exit(f"{parser.prog}: error: {e}")

@@ -16,7 +16,6 @@ from ..data.build import build_batched_test_loader
 from ..data.categories import dataset_thing_classes
 from ..data.check import check_before_training
 from ..data.dataset_mapper import DetrDatasetMapper
-from ..data.synthetic import ensure_all_generated
 from ..env import detectron2_has_compiled_ops, require_extra
 from .checkpointer import AtomicDetectionCheckpointer
 from .optimizer import build_detr_optimizer
@@ -159,7 +158,6 @@ class DetrTrainer(DefaultTrainer):
         """By the dataset's ``evaluator_type``: "coco_panoptic_seg" -> ``COCOPanopticEvaluator`` (PQ; with
         MODEL.MASK_ON and MODEL.DETR.PANOPTIC_ON, else no evaluation: the box stage of panoptic training), otherwise
         ``COCOEvaluator`` (bbox, and segm with MODEL.MASK_ON)."""
-        ensure_all_generated([dataset_name])  # the evaluators open the dataset's json files
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         if MetadataCatalog.get(dataset_name).get("evaluator_type") == "coco_panoptic_seg":
             if not (cfg.MODEL.MASK_ON and cfg.MODEL.DETR.PANOPTIC_ON):

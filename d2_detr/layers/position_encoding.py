@@ -9,8 +9,6 @@ import torch
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-from d2_detr.modeling.registry import DETR_POSITION_ENCODING_REGISTRY
-
 __all__ = ["PositionEmbeddingSine", "PositionEmbeddingLearned"]
 
 
@@ -22,7 +20,6 @@ def _half_hidden_dim(cfg) -> int:
     return hidden_dim // 2
 
 
-@DETR_POSITION_ENCODING_REGISTRY.register()
 class PositionEmbeddingSine(nn.Module):
     """2-D sine encoding: ``num_pos_feats`` features of the row position, then as many of the column position.
 
@@ -85,7 +82,6 @@ class PositionEmbeddingSine(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2 * num_pos_feats, H, W)
 
 
-@DETR_POSITION_ENCODING_REGISTRY.register()
 class PositionEmbeddingLearned(nn.Module):
     """Learned absolute encoding: a column embedding (first half) and a row embedding (second half).
 

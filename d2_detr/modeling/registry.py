@@ -1,12 +1,17 @@
-"""Registries of DETR's swappable parts; each part registers itself in its own module.
+"""Registries of DETR's swappable parts; each part registers itself in its own module, except the position
+encodings: they live in ``d2_detr.layers``, which does not know about these registries, and are registered here.
 
 A config names the part (``MODEL.DETR.TRANSFORMER_NAME`` etc.) and the builder here constructs it with
 ``cls(cfg)``, which every registered class supports through Detectron2's ``@configurable``.
 """
 from detectron2.utils.registry import Registry
 
+from ..layers.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+
 DETR_POSITION_ENCODING_REGISTRY = Registry("DETR_POSITION_ENCODING")
 DETR_POSITION_ENCODING_REGISTRY.__doc__ = "Position encodings of a feature map; built with cls(cfg)."
+DETR_POSITION_ENCODING_REGISTRY.register(PositionEmbeddingSine)
+DETR_POSITION_ENCODING_REGISTRY.register(PositionEmbeddingLearned)
 
 DETR_TRANSFORMER_REGISTRY = Registry("DETR_TRANSFORMER")
 DETR_TRANSFORMER_REGISTRY.__doc__ = "DETR encoder-decoders; built with cls(cfg)."
