@@ -1,5 +1,5 @@
 """DETR's model parts, each registered so that a config can swap it."""
-from . import backbone, criterion, mask_losses, matcher, segmentation, transformer  # noqa: F401  (registration)
+from . import backbone, criterion, focal, mask_losses, matcher, segmentation, transformer  # noqa: F401  (registration)
 from ..layers import position_encoding  # noqa: F401  (registration)
 from .detr import Detr
 from .registry import (
