@@ -5,3 +5,4 @@ from .box_ops import (
     elementwise_generalized_box_iou,
     generalized_box_iou,
 )
+from .deformable_attention import MultiScaleDeformableAttention, multi_scale_deformable_attention

@@ -1,0 +1,217 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021), in plain PyTorch.
+
+Each query attends, in each head, to ``num_points`` locations on each of ``num_levels`` feature maps: the
+locations are the query's reference point plus learned offsets, the values there are read by bilinear
+interpolation (zero outside the map, ``align_corners=False`` pixel centres) and summed with learned weights
+that are softmaxed over all levels and points of the head.
+
+The sampling is :func:`torch.nn.functional.grid_sample`, so the layer runs on any device and dtype PyTorch
+supports, and traces, scripts and exports to ONNX (``GridSample``, opset 16 and newer).
+"""
+import math
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers.wrappers import shapes_to_tensor
+from torch import Tensor, nn
+
+from .linear import Linear
+
+__all__ = ["MultiScaleDeformableAttention", "multi_scale_deformable_attention"]
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the sampling runs in: float32 for 16-bit inputs (a normalised coordinate in 16 bits is off by
+    up to a pixel on a 100-pixel-wide map, and some kernels lack 16-bit CPU versions), else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 or dtype == torch.bfloat16 else dtype
+
+
+def multi_scale_deformable_attention(
+    value: Tensor,
+    spatial_shapes: List[Tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """The attention-weighted sum of bilinearly sampled values (no projections).
+
+    Args:
+        value: (B, S, H, Dh), the levels' values concatenated along S, each level flattened row-major;
+            S = sum of H_l * W_l.
+        spatial_shapes: (H_l, W_l) of each level, in the order of ``value``. Take them from the feature maps'
+            ``.shape`` so that a traced graph follows the input size.
+        sampling_locations: (B, Q, H, L, P, 2), (x, y) in [0, 1] relative to each level's map (0 and 1 are its
+            outer edges); locations outside read zeros.
+        attention_weights: (B, Q, H, L, P), the weight of each sample (softmaxed over L * P by the module).
+
+    Returns:
+        (B, Q, H * Dh) in ``value``'s dtype, heads major. 16-bit inputs are sampled in float32.
+    """
+    batch, _, heads, head_dim = value.shape
+    num_queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    dtype = _compute_dtype(value.dtype)
+    # (B, Q, H, L, P, 2) -> (B*H, Q, L, P, 2), grid_sample's [-1, 1] coordinates.
+    grids = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).flatten(0, 1)
+    samples: List[Tensor] = []
+    start = 0
+    for level, (h, w) in enumerate(spatial_shapes):
+        # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
+        level_value = value[:, start:start + h * w].to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
+        samples.append(F.grid_sample(level_value, grids[:, :, level], mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))  # (B*H, Dh, Q, P)
+        start = start + h * w
+    sampled = torch.cat(samples, dim=-1)  # (B*H, Dh, Q, L*P)
+    weights = attention_weights.to(dtype).transpose(1, 2).reshape(batch * heads, 1, num_queries, levels * points)
+    out = (sampled * weights).sum(-1)  # (B*H, Dh, Q)
+    return out.view(batch, heads * head_dim, num_queries).transpose(1, 2).to(value.dtype)
+
+
+def _last_dim(t: Tensor) -> int:
+    """``t.shape[-1]`` as a Python int. While tracing, sizes are tensors and a comparison of them would warn that
+    the trace fixes its outcome; here that is intended (the reference format is part of the model's code)."""
+    if not torch.jit.is_tracing():
+        return t.shape[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(t.shape[-1])
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Multi-scale deformable attention with its projections, as the ``MSDeformAttn`` module of the original
+    code (same parameter names, shapes and initialisation, so its checkpoints load).
+
+    Parameters: ``sampling_offsets`` (query -> H*L*P*2 offsets), ``attention_weights`` (query -> H*L*P logits),
+    ``value_proj`` and ``output_proj`` (embed_dim -> embed_dim).
+    """
+
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
+                 onednn_linear: bool = True):
+        """
+        Args:
+            embed_dim: channels of queries, values and output; divisible by ``num_heads``.
+            num_heads: attention heads.
+            num_levels: feature levels sampled (the length of ``spatial_shapes`` in ``forward``).
+            num_points: sampling points per head and level.
+            onednn_linear: compute the four projections through oneDNN on CPU (see :mod:`.linear`).
+        """
+        super().__init__()
+        for name, n in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_levels", num_levels),
+                        ("num_points", num_points)):
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"MultiScaleDeformableAttention: {name} must be a positive integer, got {n!r}.")
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"MultiScaleDeformableAttention: embed_dim ({embed_dim}) must be divisible by num_heads "
+                f"({num_heads}); choose a head count that divides it (e.g. embed_dim 256 with 8 heads)."
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.head_dim = embed_dim // num_heads
+        self.sampling_offsets = Linear(embed_dim, num_heads * num_levels * num_points * 2, onednn=onednn_linear)
+        self.attention_weights = Linear(embed_dim, num_heads * num_levels * num_points, onednn=onednn_linear)
+        self.value_proj = Linear(embed_dim, embed_dim, onednn=onednn_linear)
+        self.output_proj = Linear(embed_dim, embed_dim, onednn=onednn_linear)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The original initialisation: zero offset weights and a bias that puts head h's points on the ray at
+        angle 2*pi*h/H (largest coordinate 1), point p at distance p+1, alike on every level; uniform attention
+        (zero weights and bias); Xavier-uniform projections with zero bias."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)  # (H, 2)
+        directions = directions / directions.abs().max(-1, keepdim=True).values
+        scale = torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        bias = directions.view(self.num_heads, 1, 1, 2) * scale  # (H, 1, P, 2)
+        bias = bias.expand(self.num_heads, self.num_levels, self.num_points, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(bias.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: List[Tuple[int, int]],
+        value_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: (B, Q, embed_dim).
+            reference_points: (B, Q, L, 2) normalised (x, y) in [0, 1] per level (offsets are in that level's
+                pixels), or (B, Q, L, 4) boxes (cx, cy, w, h) (offsets are in units of half the box size
+                divided by ``num_points``).
+            value: (B, S, embed_dim), the levels flattened row-major and concatenated, S = sum H_l * W_l.
+            spatial_shapes: (H_l, W_l) of the L levels in the order of ``value``, read from the feature maps'
+                ``.shape`` (so that tracing follows the input size).
+            value_padding_mask: (B, S) bool, True where the value is padding (its projection is zeroed).
+
+        Returns:
+            (B, Q, embed_dim).
+        """
+        if not (torch.jit.is_tracing() or torch.jit.is_scripting()):
+            self._check_inputs(query, reference_points, value, spatial_shapes, value_padding_mask)
+        batch, num_queries, _ = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        projected = self.value_proj(value)
+        if value_padding_mask is not None:
+            projected = projected.masked_fill(value_padding_mask[..., None], 0.0)
+        projected = projected.view(batch, value.shape[1], heads, self.head_dim)
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        weights = F.softmax(weights, -1).view(batch, num_queries, heads, levels, points)
+        if _last_dim(reference_points) == 2:
+            sizes: List[int] = []
+            for h, w in spatial_shapes:
+                sizes.append(w)
+                sizes.append(h)
+            normaliser = shapes_to_tensor(sizes, offsets.device).to(offsets.dtype).view(levels, 1, 2)  # (L, 1, (W, H))
+            locations = reference_points[:, :, None, :, None, :] + offsets / normaliser
+        else:
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        out = multi_scale_deformable_attention(projected, spatial_shapes, locations, weights)
+        return self.output_proj(out)
+
+    @torch.jit.unused
+    def _check_inputs(self, query: Tensor, reference_points: Tensor, value: Tensor,
+                      spatial_shapes: List[Tuple[int, int]], value_padding_mask: Optional[Tensor]) -> None:
+        """Clear errors for inputs that do not fit (eager mode only: tracing would record the comparisons)."""
+        if reference_points.dim() != 4 or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(
+                "MultiScaleDeformableAttention: reference_points must have shape (B, Q, L, 2) (x, y) or "
+                f"(B, Q, L, 4) (cx, cy, w, h), got {tuple(reference_points.shape)}."
+            )
+        if len(spatial_shapes) != self.num_levels:
+            raise ValueError(
+                f"MultiScaleDeformableAttention: built for {self.num_levels} levels but got {len(spatial_shapes)} "
+                f"spatial shapes {list(spatial_shapes)}; pass one (H, W) per feature level."
+            )
+        total = sum(int(h) * int(w) for h, w in spatial_shapes)
+        if value.dim() != 3 or value.shape[1] != total or value.shape[2] != self.embed_dim:
+            raise ValueError(
+                f"MultiScaleDeformableAttention: value has shape {tuple(value.shape)}, expected (B, {total}, "
+                f"{self.embed_dim}) for spatial shapes {list(spatial_shapes)} (levels flattened and concatenated)."
+            )
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"MultiScaleDeformableAttention: query has shape {tuple(query.shape)}, expected "
+                f"(B, Q, {self.embed_dim})."
+            )
+        if tuple(reference_points.shape[:3]) != (query.shape[0], query.shape[1], self.num_levels):
+            raise ValueError(
+                f"MultiScaleDeformableAttention: reference_points has shape {tuple(reference_points.shape)}, "
+                f"expected ({query.shape[0]}, {query.shape[1]}, {self.num_levels}, 2 or 4)."
+            )
+        if value_padding_mask is not None and tuple(value_padding_mask.shape) != tuple(value.shape[:2]):
+            raise ValueError(
+                f"MultiScaleDeformableAttention: value_padding_mask has shape {tuple(value_padding_mask.shape)}, "
+                f"expected {tuple(value.shape[:2])} (B, S) like value."
+            )
