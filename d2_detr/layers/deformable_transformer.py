@@ -65,16 +65,8 @@ class DeformableEncoderLayer(nn.Module):
     """Deformable self-attention over all levels (queries at every cell, q = src + pos, values src), then a ReLU
     feed-forward block; each with a residual, dropout and a LayerNorm after it (post-norm)."""
 
-    def __init__(
-        self,
-        d_model: int = 256,
-        nhead: int = 8,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_levels: int = 4,
-        num_points: int = 4,
-        onednn_linear: bool = True,
-    ) -> None:
+    def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 1024, dropout: float = 0.1,
+                 num_levels: int = 4, num_points: int = 4, onednn_linear: bool = True) -> None:
         """
         Args:
             d_model: feature width d.
@@ -96,14 +88,8 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(
-        self,
-        src: Tensor,
-        pos: Tensor,
-        reference_points: Tensor,
-        spatial_shapes: List[Tuple[int, int]],
-        padding_mask: Optional[Tensor] = None,
-    ) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: List[Tuple[int, int]],
+                padding_mask: Optional[Tensor] = None) -> Tensor:
         """
         Args:
             src: (B, S, d) flattened levels.
@@ -133,14 +119,8 @@ class DeformableEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
 
-    def forward(
-        self,
-        src: Tensor,
-        pos: Tensor,
-        spatial_shapes: List[Tuple[int, int]],
-        valid_ratios: Tensor,
-        padding_mask: Optional[Tensor] = None,
-    ) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: List[Tuple[int, int]], valid_ratios: Tensor,
+                padding_mask: Optional[Tensor] = None) -> Tensor:
         """(B, S, d) -> (B, S, d) encoded levels; ``valid_ratios`` (B, L, 2), other arguments as in
         :meth:`DeformableEncoderLayer.forward`."""
         reference_points = level_reference_points(spatial_shapes, valid_ratios)  # (B, S, L, 2)
@@ -154,16 +134,8 @@ class DeformableDecoderLayer(nn.Module):
     to the encoded levels at the queries' reference points (q = tgt + query_pos), then a ReLU feed-forward block;
     each with a residual, dropout and a LayerNorm after it (post-norm)."""
 
-    def __init__(
-        self,
-        d_model: int = 256,
-        nhead: int = 8,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_levels: int = 4,
-        num_points: int = 4,
-        onednn_linear: bool = True,
-    ) -> None:
+    def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 1024, dropout: float = 0.1,
+                 num_levels: int = 4, num_points: int = 4, onednn_linear: bool = True) -> None:
         """Arguments as in :class:`DeformableEncoderLayer`; ``dropout`` also applies to the attention weights of
         the self-attention."""
         super().__init__()
@@ -180,15 +152,8 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(
-        self,
-        tgt: Tensor,
-        query_pos: Tensor,
-        reference_points: Tensor,
-        memory: Tensor,
-        spatial_shapes: List[Tuple[int, int]],
-        memory_padding_mask: Optional[Tensor] = None,
-    ) -> Tensor:
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
+                spatial_shapes: List[Tuple[int, int]], memory_padding_mask: Optional[Tensor] = None) -> Tensor:
         """
         Args:
             tgt: (B, Q, d) query features.
@@ -229,17 +194,9 @@ class DeformableDecoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([copy.deepcopy(decoder_layer) for _ in range(num_layers)])
 
-    def forward(
-        self,
-        tgt: Tensor,
-        reference: Tensor,
-        memory: Tensor,
-        spatial_shapes: List[Tuple[int, int]],
-        valid_ratios: Tensor,
-        query_pos: Tensor,
-        memory_padding_mask: Optional[Tensor] = None,
-        box_heads: Optional[Sequence[nn.Module]] = None,
-    ) -> Tuple[Tensor, List[Tensor]]:
+    def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: List[Tuple[int, int]],
+                valid_ratios: Tensor, query_pos: Tensor, memory_padding_mask: Optional[Tensor] = None,
+                box_heads: Optional[Sequence[nn.Module]] = None) -> Tuple[Tensor, List[Tensor]]:
         """
         Args:
             tgt: (B, Q, d) initial query features.

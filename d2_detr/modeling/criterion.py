@@ -253,14 +253,8 @@ class SetCriterion(nn.Module):
             "loss_giou": self.giou_weight * loss_giou,
         }
 
-    def _class_loss(
-        self,
-        logits: Tensor,
-        tgt_labels: Tensor,
-        flat_indices: Tuple[Tensor, Tensor, Tensor],
-        num_boxes: Tensor,
-        class_weight_sum: Tensor,
-    ) -> Tensor:
+    def _class_loss(self, logits: Tensor, tgt_labels: Tensor, flat_indices: Tuple[Tensor, Tensor, Tensor],
+                    num_boxes: Tensor, class_weight_sum: Tensor) -> Tensor:
         """Unweighted () classification loss of one layer from its float32 logits (B, Q, K+1): the class-weighted
         cross-entropy of all queries (unmatched ones labelled "no object"), divided by ``class_weight_sum``."""
         batch_idx, query_idx, target_idx = flat_indices

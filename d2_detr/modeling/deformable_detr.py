@@ -48,23 +48,10 @@ class DeformableDetr(SetPredictionModel):
     sigmoid_scores = True
 
     @configurable
-    def __init__(
-        self,
-        *,
-        backbone: Backbone,
-        in_features: Sequence[str],
-        position_encoding: nn.Module,
-        transformer: nn.Module,
-        criterion: nn.Module,
-        num_classes: int,
-        num_queries: int,
-        pixel_mean: Tuple[float, ...],
-        pixel_std: Tuple[float, ...],
-        with_box_refine: bool = False,
-        test_topk: int = 100,
-        fold_frozen_bn: bool = True,
-        channels_last: bool = True,
-    ):
+    def __init__(self, *, backbone: Backbone, in_features: Sequence[str], position_encoding: nn.Module,
+                 transformer: nn.Module, criterion: nn.Module, num_classes: int, num_queries: int,
+                 pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], with_box_refine: bool = False,
+                 test_topk: int = 100, fold_frozen_bn: bool = True, channels_last: bool = True):
         """
         Args:
             backbone: any Detectron2 backbone; its ``in_features`` outputs are used, finest first.

@@ -22,7 +22,7 @@ from ..layers.deformable_transformer import (
     DeformableEncoderLayer,
 )
 from ..layers.position_encoding import sine_box_embedding
-from .registry import DETR_TRANSFORMER_REGISTRY
+from .registry import DETR_TRANSFORMER_REGISTRY, transformer_size_args
 
 __all__ = ["DeformableTransformer", "encoder_proposals", "valid_ratios"]
 
@@ -83,28 +83,14 @@ class DeformableTransformer(nn.Module):
     """
 
     @configurable
-    def __init__(
-        self,
-        *,
-        d_model: int = 256,
-        nhead: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_feature_levels: int = 4,
-        enc_n_points: int = 4,
-        dec_n_points: int = 4,
-        two_stage: bool = False,
-        two_stage_num_proposals: int = 300,
-        onednn_linear: bool = True,
-    ) -> None:
+    def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 dim_feedforward: int = 1024, dropout: float = 0.1, num_feature_levels: int = 4, enc_n_points: int = 4,
+                 dec_n_points: int = 4, two_stage: bool = False, two_stage_num_proposals: int = 300,
+                 onednn_linear: bool = True) -> None:
         """
         Args:
-            d_model: feature width d.
-            nhead: attention heads (must divide d_model).
-            num_encoder_layers: encoder depth.
-            num_decoder_layers: decoder depth.
+            d_model, nhead: feature width d, and attention heads (dividing d) in every attention.
+            num_encoder_layers, num_decoder_layers: depths of the encoder and of the decoder.
             dim_feedforward: hidden width of the feed-forward blocks.
             dropout: dropout after each sub-layer, in the feed-forward blocks and the decoder's self-attention.
             num_feature_levels: feature levels L.
@@ -144,18 +130,12 @@ class DeformableTransformer(nn.Module):
         if detr.PRE_NORM:
             raise ValueError("MODEL.DETR.PRE_NORM=True: DeformableTransformer has post-norm layers only; set it False")
         return {
-            "d_model": detr.HIDDEN_DIM,
-            "nhead": detr.NHEADS,
-            "num_encoder_layers": detr.ENC_LAYERS,
-            "num_decoder_layers": detr.DEC_LAYERS,
-            "dim_feedforward": detr.DIM_FEEDFORWARD,
-            "dropout": detr.DROPOUT,
+            **transformer_size_args(cfg),
             "num_feature_levels": deformable.NUM_FEATURE_LEVELS,
             "enc_n_points": deformable.ENC_N_POINTS,
             "dec_n_points": deformable.DEC_N_POINTS,
             "two_stage": deformable.TWO_STAGE,
             "two_stage_num_proposals": detr.NUM_OBJECT_QUERIES,
-            "onednn_linear": detr.ONEDNN_LINEAR,
         }
 
     def _reset_parameters(self) -> None:
@@ -171,15 +151,9 @@ class DeformableTransformer(nn.Module):
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
 
-    def forward(
-        self,
-        srcs: List[Tensor],
-        masks: List[Tensor],
-        pos_embeds: List[Tensor],
-        query_embed: Optional[Tensor] = None,
-        box_heads: Optional[Sequence[nn.Module]] = None,
-        proposal_heads: Optional[Tuple[nn.Module, nn.Module]] = None,
-    ) -> Dict[str, object]:
+    def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
+                query_embed: Optional[Tensor] = None, box_heads: Optional[Sequence[nn.Module]] = None,
+                proposal_heads: Optional[Tuple[nn.Module, nn.Module]] = None) -> Dict[str, object]:
         """
         Args:
             srcs: L projected levels (B, d, H_l, W_l).

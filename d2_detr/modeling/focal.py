@@ -39,14 +39,8 @@ class FocalHungarianMatcher(HungarianMatcher):
     target class (logits (B, Q, K) of sigmoid classes); weights 2 (class), 5 (L1), 2 (GIoU) in Deformable DETR."""
 
     @configurable
-    def __init__(
-        self,
-        cost_class: float = 2.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
-    ):
+    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, alpha: float = 0.25,
+                 gamma: float = 2.0):
         """
         Args:
             cost_class: weight of the focal class cost.
@@ -83,17 +77,8 @@ class FocalSetCriterion(SetCriterion):
     """
 
     @configurable
-    def __init__(
-        self,
-        num_classes: int,
-        matcher: nn.Module,
-        class_weight: float = 2.0,
-        l1_weight: float = 5.0,
-        giou_weight: float = 2.0,
-        deep_supervision: bool = True,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
-    ):
+    def __init__(self, num_classes: int, matcher: nn.Module, class_weight: float = 2.0, l1_weight: float = 5.0,
+                 giou_weight: float = 2.0, deep_supervision: bool = True, alpha: float = 0.25, gamma: float = 2.0):
         """
         Args:
             num_classes: number K of foreground classes = class logits per query.
@@ -121,14 +106,8 @@ class FocalSetCriterion(SetCriterion):
             f"gamma={self.gamma}"
         )
 
-    def _class_loss(
-        self,
-        logits: Tensor,
-        tgt_labels: Tensor,
-        flat_indices: Tuple[Tensor, Tensor, Tensor],
-        num_boxes: Tensor,
-        class_weight_sum: Tensor,
-    ) -> Tensor:
+    def _class_loss(self, logits: Tensor, tgt_labels: Tensor, flat_indices: Tuple[Tensor, Tensor, Tensor],
+                    num_boxes: Tensor, class_weight_sum: Tensor) -> Tensor:
         """Unweighted () focal loss of one layer from its float32 logits (B, Q, K); ``class_weight_sum`` is unused."""
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"FocalSetCriterion expects {self.num_classes} class logits per query (one per class, no "

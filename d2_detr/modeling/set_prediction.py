@@ -38,18 +38,8 @@ class SetPredictionModel(nn.Module):
     #: Class probabilities by sigmoid (focal-loss heads without "no object") instead of softmax.
     sigmoid_scores: bool = False
 
-    def __init__(
-        self,
-        *,
-        backbone: nn.Module,
-        criterion: nn.Module,
-        num_classes: int,
-        pixel_mean: Tuple[float, ...],
-        pixel_std: Tuple[float, ...],
-        test_topk: int,
-        fold_frozen_bn: bool = True,
-        channels_last: bool = True,
-    ):
+    def __init__(self, *, backbone: nn.Module, criterion: nn.Module, num_classes: int, pixel_mean: Tuple[float, ...],
+                 pixel_std: Tuple[float, ...], test_topk: int, fold_frozen_bn: bool = True, channels_last: bool = True):
         """
         Args:
             backbone: a Detectron2 backbone.

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from d2_detr.layers.attention import FusedMultiheadAttention, with_pos_embed
 from d2_detr.layers.linear import Linear
-from d2_detr.modeling.registry import DETR_TRANSFORMER_REGISTRY
+from d2_detr.modeling.registry import DETR_TRANSFORMER_REGISTRY, transformer_size_args
 
 __all__ = [
     "DetrTransformer",
@@ -302,15 +302,9 @@ class DetrTransformer(nn.Module):
     def from_config(cls, cfg) -> dict:
         detr = cfg.MODEL.DETR
         return {
-            "d_model": detr.HIDDEN_DIM,
-            "nhead": detr.NHEADS,
-            "num_encoder_layers": detr.ENC_LAYERS,
-            "num_decoder_layers": detr.DEC_LAYERS,
-            "dim_feedforward": detr.DIM_FEEDFORWARD,
-            "dropout": detr.DROPOUT,
+            **transformer_size_args(cfg),
             "normalize_before": detr.PRE_NORM,
             "return_intermediate_dec": detr.DEEP_SUPERVISION,
-            "onednn_linear": detr.ONEDNN_LINEAR,
         }
 
     def _reset_parameters(self) -> None:
