@@ -9,6 +9,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .tracing import static_size
+
 __all__ = [
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
@@ -44,7 +46,7 @@ def refine_boxes(deltas: Tensor, reference: Tensor) -> Tensor:
     """Normalised cxcywh boxes ``(..., 4)`` from a box head's outputs ``deltas`` ``(..., 4)`` relative to
     ``reference`` points ``(..., 2)`` (cx, cy) or boxes ``(..., 4)``, in inverse-sigmoid space:
     ``sigmoid(deltas + inverse_sigmoid(reference))``, the reference added to the centre only when it is a point."""
-    if reference.shape[-1] == 2:
+    if static_size(reference, -1) == 2:
         return torch.cat([deltas[..., :2] + inverse_sigmoid(reference), deltas[..., 2:]], dim=-1).sigmoid()
     return (deltas + inverse_sigmoid(reference)).sigmoid()
 
