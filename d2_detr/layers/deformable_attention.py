@@ -5,8 +5,9 @@ locations are the query's reference point plus learned offsets, the values there
 interpolation (zero outside the map, ``align_corners=False`` pixel centres) and summed with learned weights
 that are softmaxed over all levels and points of the head.
 
-The sampling is :func:`torch.nn.functional.grid_sample`, so the layer runs on any device and dtype PyTorch
-supports, and traces, scripts and exports to ONNX (``GridSample``, opset 16 and newer).
+The sampling is standard PyTorch operators (``grid_sample``, and on CPU a weighted ``embedding_bag``), so the
+layer runs on any device and dtype PyTorch supports, and traces, scripts and exports to ONNX (``GridSample``,
+opset 16 and newer).
 """
 import math
 import warnings
@@ -16,10 +17,14 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers.wrappers import shapes_to_tensor
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .linear import Linear
 
-__all__ = ["MultiScaleDeformableAttention", "multi_scale_deformable_attention"]
+__all__ = ["MultiScaleDeformableAttention", "multi_scale_deformable_attention", "sample_by_bags", "sample_by_grid"]
+
+# Table rows gathered at a time in the backward of sample_by_bags (a few MB, cache-sized).
+_BACKWARD_CHUNK = 16384
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the sampling runs in: float32 for 16-bit inputs (a normalised coordinate in 16 bits is off by
@@ -46,7 +51,31 @@ def multi_scale_deformable_attention(
 
     Returns:
         (B, Q, H * Dh) in ``value``'s dtype, heads major. 16-bit inputs are sampled in float32.
+
+    On CPU in eager mode the sum is computed by :func:`sample_by_bags`, elsewhere (other devices, tracing,
+    scripting, export) by :func:`sample_by_grid`; both give the same result up to float rounding.
     """
+    if not torch.jit.is_scripting() and _bags_apply(value):
+        return sample_by_bags(value, spatial_shapes, sampling_locations, attention_weights)
+    return sample_by_grid(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+@torch.jit.unused
+def _bags_apply(value: Tensor) -> bool:
+    """Whether :func:`sample_by_bags` is used: on CPU, outside tracing and export (which need ``GridSample``)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        return False
+    return value.device.type == "cpu"
+
+
+def sample_by_grid(
+    value: Tensor,
+    spatial_shapes: List[Tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """:func:`multi_scale_deformable_attention` by one :func:`torch.nn.functional.grid_sample` per level (any
+    device; traces and exports to ONNX ``GridSample``). Arguments and result as there."""
     batch, _, heads, head_dim = value.shape
     num_queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     dtype = _compute_dtype(value.dtype)
@@ -64,6 +93,103 @@ def multi_scale_deformable_attention(
     weights = attention_weights.to(dtype).transpose(1, 2).reshape(batch * heads, 1, num_queries, levels * points)
     out = (sampled * weights).sum(-1)  # (B*H, Dh, Q)
     return out.view(batch, heads * head_dim, num_queries).transpose(1, 2).to(value.dtype)
+
+
+@torch.jit.unused
+def sample_by_bags(
+    value: Tensor,
+    spatial_shapes: List[Tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """:func:`multi_scale_deformable_attention` as one weighted sum of table rows per (query, head) (a weighted
+    ``embedding_bag``): the rows are the 4 * L * P value cells around the head's sampling points, weighted by
+    attention weight times bilinear weight. The table is a copy of ``value`` with every level framed by zeros
+    (one row/column before, two after), so that points outside a map, clamped onto the frame, read zeros
+    without any masking; no (samples x Dh) tensor is materialised, forward or backward. Arguments and result
+    as in :func:`multi_scale_deformable_attention`.
+    """
+    batch, _, heads, head_dim = value.shape
+    num_queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    dtype = _compute_dtype(value.dtype)
+    device = value.device
+    table, starts = _framed_levels(value.to(dtype), spatial_shapes)  # (B, T, H, Dh), (L,)
+    framed_total = table.shape[1]
+    hw = torch.tensor(spatial_shapes, dtype=torch.long, device=device).view(levels, 2)
+    size = hw.flip(-1).view(levels, 1, 2)  # (L, 1, (W, H)), broadcasts against (B, Q, H, L, P, 2)
+    # Pixel coordinates in the framed map (pixel centres at integers, align_corners=False, +1 for the frame),
+    # clamped onto the frame: from there on the sample reads zeros, as outside the map.
+    pixel = sampling_locations.to(dtype) * size + 0.5
+    pixel = torch.minimum(pixel.clamp(min=0), size + 1)
+    lower = pixel.detach().floor()
+    frac = pixel - lower  # (B, Q, H, L, P, 2)
+    corner = lower.nan_to_num(0.0).long()  # top-left neighbour (non-finite coordinates read the frame)
+    # Rows of the (B*T*H, Dh) table: ((b * T + start_l + y * (W_l + 3) + x) * H + h), and the other three
+    # corners at +H (right), +(W_l + 3)*H (below) and both.
+    row_stride = (size[..., 0] + 3) * heads  # (L, 1)
+    offsets = (torch.arange(batch, device=device) * (framed_total * heads)).view(batch, 1, 1, 1, 1) + torch.arange(
+        heads, device=device).view(1, 1, heads, 1, 1)  # (B, 1, H, 1, 1)
+    rows = corner[..., 1] * row_stride + corner[..., 0] * heads + (starts.view(levels, 1) * heads + offsets)
+    steps = torch.stack([torch.zeros_like(row_stride), torch.full_like(row_stride, heads), row_stride,
+                         row_stride + heads], -1)  # (L, 1, 4)
+    rows = rows[..., None] + steps  # (B, Q, H, L, P, 4)
+    axis_weights = torch.stack([1 - frac, frac], -1)  # (B, Q, H, L, P, (x, y), (lower, upper))
+    weights_y = attention_weights.to(dtype)[..., None] * axis_weights[..., 1, :]
+    corner_weights = weights_y[..., :, None] * axis_weights[..., 0, None, :]  # (B, Q, H, L, P, 2 (y), 2 (x))
+    bag = levels * points * 4
+    out = _WeightedBagSum.apply(table.reshape(-1, head_dim), rows.view(-1, bag), corner_weights.reshape(-1, bag))
+    return out.view(batch, num_queries, heads * head_dim).to(value.dtype)
+
+
+def _framed_levels(value: Tensor, spatial_shapes: List[Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
+    """value (B, S, H, Dh) -> the levels each framed by zeros, one row/column before and two after,
+    concatenated: (B, T, H, Dh) with T = sum (H_l + 3) * (W_l + 3), and the start of each level in T (L,)."""
+    batch, _, heads, head_dim = value.shape
+    framed: List[Tensor] = []
+    starts: List[int] = []
+    start, framed_start = 0, 0
+    for h, w in spatial_shapes:
+        level = value[:, start:start + h * w].reshape(batch, h, w, heads * head_dim)
+        framed.append(F.pad(level, (0, 0, 1, 2, 1, 2)).view(batch, -1, heads, head_dim))
+        starts.append(framed_start)
+        start += h * w
+        framed_start += (h + 3) * (w + 3)
+    return torch.cat(framed, 1), torch.tensor(starts, device=value.device)
+
+
+class _WeightedBagSum(torch.autograd.Function):
+    """out[i] = sum_j weights[i, j] * table[rows[i, j]]; table (N, D), rows and weights (M, K) -> (M, D).
+
+    Forward is ``F.embedding_bag``; backward works through chunks of bags whose gathered rows stay in cache
+    (PyTorch's own backward sorts all indices and takes several times longer on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(table, rows, weights)
+        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        table, rows, weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        num_bags, bag = rows.shape
+        dim = table.shape[1]
+        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[0] else None
+        grad_weights = torch.empty_like(weights) if ctx.needs_input_grad[2] else None
+        step = max(1, _BACKWARD_CHUNK // bag)
+        with torch.autocast(table.device.type, enabled=False):
+            for begin in range(0, num_bags, step):
+                end = min(begin + step, num_bags)
+                chunk_rows = rows[begin:end].reshape(-1)
+                chunk_grad = grad[begin:end]  # (n, D)
+                if grad_table is not None:
+                    grad_table.index_add_(0, chunk_rows, (weights[begin:end, :, None] * chunk_grad[:, None]).view(-1, dim))
+                if grad_weights is not None:
+                    gathered = table.index_select(0, chunk_rows).view(end - begin, bag, dim)
+                    torch.bmm(gathered, chunk_grad[:, :, None], out=grad_weights[begin:end, :, None])
+        return grad_table, None, grad_weights
 
 
 def _last_dim(t: Tensor) -> int:
