@@ -3,7 +3,7 @@
 Times :func:`sample_by_grid` (one ``grid_sample`` per level, the layout of the original pure-PyTorch code) and
 :func:`sample_by_bags` (one weighted ``embedding_bag``, what the layer uses on CPU) on the same inputs in the
 same run, interleaved, forward alone and forward + backward (gradients for value, sampling locations and
-attention weights), and checks that they agree. Default sizes: an 800 x 1066 image, levels 100x134, 50x67,
+attention weights), measures the memory they keep for the backward, and checks that they agree. Default sizes: an 800 x 1066 image, levels 100x134, 50x67,
 25x34, 13x17 (S = 17,821 cells), 8 heads, 4 levels, 4 points, 32 channels per head; the encoder (Q = S) and the
 decoder (Q = 300), batch 1 and 2.
 
@@ -48,6 +48,22 @@ def run_once(fn: Callable, inputs, backward: bool) -> Tuple[float, float]:
         with torch.no_grad():
             fn(value, LEVELS, locations, weights)
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def saved_for_backward_mb(fn: Callable, inputs) -> float:
+    """Megabytes of the tensors autograd keeps for the backward, each storage counted once (``value`` too when
+    kept: in the layer it is the value projection's output, kept alive only by the sampling)."""
+    value, locations, weights = (t.detach().requires_grad_(True) for t in inputs)
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(value, LEVELS, locations, weights)
+    return sum(storages.values()) / 2**20
 
 
 def agreement(inputs) -> Dict[str, float]:
@@ -111,6 +127,8 @@ def main() -> None:
                     speedup = reference / statistics.median(wall)
                     print(f"{batch:>5} {queries:>7} {'fwd+bwd' if backward else 'fwd':>8} {name:>5} {fmt(wall):>20} "
                           f"{fmt(cpu):>20} {speedup:>7.2f}x", flush=True)
+            saved = ", ".join(f"{name} {saved_for_backward_mb(fn, inputs):.0f}" for name, fn in IMPLEMENTATIONS.items())
+            print(f"      kept for backward (MB): {saved}")
             diffs = agreement(inputs)
             print("      agreement: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()), flush=True)
 

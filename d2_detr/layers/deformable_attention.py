@@ -26,6 +26,7 @@ __all__ = ["MultiScaleDeformableAttention", "multi_scale_deformable_attention", 
 # Table rows gathered at a time in the backward of sample_by_bags (a few MB, cache-sized).
 _BACKWARD_CHUNK = 16384
 
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the sampling runs in: float32 for 16-bit inputs (a normalised coordinate in 16 bits is off by
     up to a pixel on a 100-pixel-wide map, and some kernels lack 16-bit CPU versions), else ``dtype``."""
@@ -160,8 +161,10 @@ def _framed_levels(value: Tensor, spatial_shapes: List[Tuple[int, int]]) -> Tupl
 class _WeightedBagSum(torch.autograd.Function):
     """out[i] = sum_j weights[i, j] * table[rows[i, j]]; table (N, D), rows and weights (M, K) -> (M, D).
 
-    Forward is ``F.embedding_bag``; backward works through chunks of bags whose gathered rows stay in cache
-    (PyTorch's own backward sorts all indices and takes several times longer on CPU).
+    Forward is ``F.embedding_bag``. Backward: the weights' gradient, grad[i] . table[rows[i, j]], is a sampled
+    product of (M, D) by (D, N) at the pattern of ``rows`` (``torch.sparse.sampled_addmm``); the table's
+    gradient is accumulated through chunks of bags small enough to stay in cache. (PyTorch's own backward
+    sorts all indices and takes several times longer on CPU.)
     """
 
     @staticmethod
@@ -175,20 +178,23 @@ class _WeightedBagSum(torch.autograd.Function):
         table, rows, weights = ctx.saved_tensors
         grad = grad.contiguous()
         num_bags, bag = rows.shape
-        dim = table.shape[1]
-        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[0] else None
-        grad_weights = torch.empty_like(weights) if ctx.needs_input_grad[2] else None
-        step = max(1, _BACKWARD_CHUNK // bag)
+        grad_table = grad_weights = None
         with torch.autocast(table.device.type, enabled=False):
-            for begin in range(0, num_bags, step):
-                end = min(begin + step, num_bags)
-                chunk_rows = rows[begin:end].reshape(-1)
-                chunk_grad = grad[begin:end]  # (n, D)
-                if grad_table is not None:
-                    grad_table.index_add_(0, chunk_rows, (weights[begin:end, :, None] * chunk_grad[:, None]).view(-1, dim))
-                if grad_weights is not None:
-                    gathered = table.index_select(0, chunk_rows).view(end - begin, bag, dim)
-                    torch.bmm(gathered, chunk_grad[:, :, None], out=grad_weights[begin:end, :, None])
+            if ctx.needs_input_grad[2]:
+                with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                    warnings.simplefilter("ignore", UserWarning)
+                    pattern = torch.sparse_csr_tensor(
+                        torch.arange(0, num_bags * bag + 1, bag, device=rows.device), rows.reshape(-1),
+                        torch.zeros(num_bags * bag, dtype=table.dtype, device=table.device),
+                        (num_bags, table.shape[0]), check_invariants=False)
+                grad_weights = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values().view_as(weights)
+            if ctx.needs_input_grad[0]:
+                grad_table = torch.zeros_like(table)
+                step = max(1, _BACKWARD_CHUNK // bag)
+                for begin in range(0, num_bags, step):
+                    end = min(begin + step, num_bags)
+                    contributions = weights[begin:end, :, None] * grad[begin:end, None]  # (n, K, D)
+                    grad_table.index_add_(0, rows[begin:end].reshape(-1), contributions.view(-1, table.shape[1]))
         return grad_table, None, grad_weights
 
 
