@@ -115,8 +115,9 @@ def sample_by_bags(
     dtype = _compute_dtype(value.dtype)
     device = value.device
     table, starts = _framed_levels(value.to(dtype), spatial_shapes)  # (B, T, H, Dh), (L,)
-    framed_total = table.shape[1]
-    hw = torch.tensor(spatial_shapes, dtype=torch.long, device=device).view(levels, 2)
+    num_rows = table.shape[0] * table.shape[1] * heads
+    index = torch.int32 if num_rows < 2**31 else torch.int64
+    hw = torch.tensor(spatial_shapes, dtype=index, device=device).view(levels, 2)
     size = hw.flip(-1).view(levels, 1, 2)  # (L, 1, (W, H)), broadcasts against (B, Q, H, L, P, 2)
     # Pixel coordinates in the framed map (pixel centres at integers, align_corners=False, +1 for the frame),
     # clamped onto the frame: from there on the sample reads zeros, as outside the map.
@@ -124,21 +125,20 @@ def sample_by_bags(
     pixel = torch.minimum(pixel.clamp(min=0), size + 1)
     lower = pixel.detach().floor()
     frac = pixel - lower  # (B, Q, H, L, P, 2)
-    corner = lower.nan_to_num(0.0).long()  # top-left neighbour (non-finite coordinates read the frame)
+    corner = lower.nan_to_num(0.0).to(index)  # top-left neighbour (non-finite coordinates read the frame)
     # Rows of the (B*T*H, Dh) table: ((b * T + start_l + y * (W_l + 3) + x) * H + h), and the other three
     # corners at +H (right), +(W_l + 3)*H (below) and both.
     row_stride = (size[..., 0] + 3) * heads  # (L, 1)
-    offsets = (torch.arange(batch, device=device) * (framed_total * heads)).view(batch, 1, 1, 1, 1) + torch.arange(
-        heads, device=device).view(1, 1, heads, 1, 1)  # (B, 1, H, 1, 1)
-    rows = corner[..., 1] * row_stride + corner[..., 0] * heads + (starts.view(levels, 1) * heads + offsets)
+    first = (torch.arange(batch, dtype=index, device=device) * (table.shape[1] * heads)).view(batch, 1, 1, 1, 1)
+    first = first + torch.arange(heads, dtype=index, device=device).view(1, 1, heads, 1, 1)  # (B, 1, H, 1, 1)
+    rows = corner[..., 1] * row_stride + corner[..., 0] * heads + (starts.to(index).view(levels, 1) * heads + first)
     steps = torch.stack([torch.zeros_like(row_stride), torch.full_like(row_stride, heads), row_stride,
                          row_stride + heads], -1)  # (L, 1, 4)
     rows = rows[..., None] + steps  # (B, Q, H, L, P, 4)
-    axis_weights = torch.stack([1 - frac, frac], -1)  # (B, Q, H, L, P, (x, y), (lower, upper))
-    weights_y = attention_weights.to(dtype)[..., None] * axis_weights[..., 1, :]
-    corner_weights = weights_y[..., :, None] * axis_weights[..., 0, None, :]  # (B, Q, H, L, P, 2 (y), 2 (x))
-    bag = levels * points * 4
-    out = _WeightedBagSum.apply(table.reshape(-1, head_dim), rows.view(-1, bag), corner_weights.reshape(-1, bag))
+    bags = batch * num_queries * heads
+    out = _BilinearBagSum.apply(table.view(num_rows, head_dim), rows.view(bags, levels * points, 4),
+                                attention_weights.to(dtype).reshape(bags, levels * points),
+                                frac.view(bags, levels * points, 2))
     return out.view(batch, num_queries, heads * head_dim).to(value.dtype)
 
 
@@ -158,44 +158,66 @@ def _framed_levels(value: Tensor, spatial_shapes: List[Tuple[int, int]]) -> Tupl
     return torch.cat(framed, 1), torch.tensor(starts, device=value.device)
 
 
-class _WeightedBagSum(torch.autograd.Function):
-    """out[i] = sum_j weights[i, j] * table[rows[i, j]]; table (N, D), rows and weights (M, K) -> (M, D).
+def _corner_weights(attention: Tensor, frac: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """attention (M, K), frac (M, K, 2) (x, y) -> corner weights (M, K, 2 (y), 2 (x)) = attention times the
+    bilinear weights, and the per-axis weights (1 - f, f) along x and along y, (M, K, 2) each."""
+    wx = torch.stack([1 - frac[..., 0], frac[..., 0]], -1)
+    wy = torch.stack([1 - frac[..., 1], frac[..., 1]], -1)
+    return (attention[..., None] * wy)[..., :, None] * wx[..., None, :], wx, wy
 
-    Forward is ``F.embedding_bag``. Backward: the weights' gradient, grad[i] . table[rows[i, j]], is a sampled
-    product of (M, D) by (D, N) at the pattern of ``rows`` (``torch.sparse.sampled_addmm``); the table's
-    gradient is accumulated through chunks of bags small enough to stay in cache. (PyTorch's own backward
-    sorts all indices and takes several times longer on CPU.)
+
+class _BilinearBagSum(torch.autograd.Function):
+    """out[i] = sum over points k and corners c of attention[i, k] * bilinear_c(frac[i, k]) * table[rows[i, k, c]].
+
+    table (N, D); rows (M, K, 4) corner rows (top-left, top-right, bottom-left, bottom-right); attention (M, K);
+    frac (M, K, 2), the position (x, y) inside the cell, in [0, 1) -> (M, D). Forward is one weighted
+    ``F.embedding_bag``. Backward: the corner weights' gradient, grad[i] . table[row], is a sampled product of
+    (M, D) by (D, N) at the rows' pattern (``torch.sparse.sampled_addmm``), turned into the attention's and
+    frac's gradients in closed form; the table's gradient is accumulated through chunks of bags small enough to
+    stay in cache. (PyTorch's own ``embedding_bag`` backward sorts all indices and takes several times longer.)
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
-        ctx.save_for_backward(table, rows, weights)
-        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+    def forward(ctx, table: Tensor, rows: Tensor, attention: Tensor, frac: Tensor) -> Tensor:
+        ctx.save_for_backward(table, rows, attention, frac)
+        weights = _corner_weights(attention, frac)[0]
+        num_bags = rows.shape[0]
+        return F.embedding_bag(rows.view(num_bags, -1), table, per_sample_weights=weights.view(num_bags, -1),
+                               mode="sum")
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        table, rows, weights = ctx.saved_tensors
+        table, rows, attention, frac = ctx.saved_tensors
         grad = grad.contiguous()
-        num_bags, bag = rows.shape
-        grad_table = grad_weights = None
+        num_bags, points, _ = rows.shape
+        rows = rows.view(num_bags, points * 4)
+        weights, wx, wy = _corner_weights(attention, frac)
+        grad_table = grad_attention = grad_frac = None
         with torch.autocast(table.device.type, enabled=False):
-            if ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
                 with warnings.catch_warnings():  # "sparse CSR support is in beta"
                     warnings.simplefilter("ignore", UserWarning)
                     pattern = torch.sparse_csr_tensor(
-                        torch.arange(0, num_bags * bag + 1, bag, device=rows.device), rows.reshape(-1),
-                        torch.zeros(num_bags * bag, dtype=table.dtype, device=table.device),
+                        torch.arange(0, rows.numel() + 1, points * 4, dtype=rows.dtype, device=rows.device),
+                        rows.reshape(-1), torch.zeros(rows.numel(), dtype=table.dtype, device=table.device),
                         (num_bags, table.shape[0]), check_invariants=False)
-                grad_weights = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values().view_as(weights)
+                grad_weights = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values()
+                grad_weights = grad_weights.view(num_bags, points, 2, 2)  # (M, K, y, x)
+                along_x = (grad_weights * wx[..., None, :]).sum(-1)  # (M, K, 2 (y))
+                grad_attention = (along_x * wy).sum(-1)
+                grad_fx = ((grad_weights[..., 1] - grad_weights[..., 0]) * wy).sum(-1)
+                grad_frac = torch.stack([grad_fx, along_x[..., 1] - along_x[..., 0]], -1) * attention[..., None]
             if ctx.needs_input_grad[0]:
                 grad_table = torch.zeros_like(table)
-                step = max(1, _BACKWARD_CHUNK // bag)
+                weights = weights.view(num_bags, points * 4)
+                step = max(1, _BACKWARD_CHUNK // (points * 4))
                 for begin in range(0, num_bags, step):
                     end = min(begin + step, num_bags)
-                    contributions = weights[begin:end, :, None] * grad[begin:end, None]  # (n, K, D)
-                    grad_table.index_add_(0, rows[begin:end].reshape(-1), contributions.view(-1, table.shape[1]))
-        return grad_table, None, grad_weights
+                    contributions = weights[begin:end, :, None] * grad[begin:end, None]  # (n, 4K, D)
+                    grad_table.index_add_(0, rows[begin:end].reshape(-1).long(),
+                                          contributions.view(-1, table.shape[1]))
+        return grad_table, None, grad_attention, grad_frac
 
 
 def _last_dim(t: Tensor) -> int:
