@@ -3,9 +3,9 @@
 Times :func:`sample_by_grid` (one ``grid_sample`` per level, the layout of the original pure-PyTorch code) and
 :func:`sample_by_bags` (one weighted ``embedding_bag``, what the layer uses on CPU) on the same inputs in the
 same run, interleaved, forward alone and forward + backward (gradients for value, sampling locations and
-attention weights), measures the memory they keep for the backward, and checks that they agree. Default sizes: an 800 x 1066 image, levels 100x134, 50x67,
-25x34, 13x17 (S = 17,821 cells), 8 heads, 4 levels, 4 points, 32 channels per head; the encoder (Q = S) and the
-decoder (Q = 300), batch 1 and 2.
+attention weights); measures the memory they keep for the backward and checks that they agree. Default
+sizes: an 800 x 1066 image, levels 100x134, 50x67, 25x34, 13x17 (S = 17,821 cells), 8 heads, 4 levels,
+4 points, 32 channels per head; the encoder (Q = S) and the decoder (Q = 300), batch 1 and 2.
 
     python benchmarks/deformable_attention.py
     python benchmarks/deformable_attention.py --threads 1 --repeats 7 --batch 2 --queries encoder

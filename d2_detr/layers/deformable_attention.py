@@ -54,7 +54,8 @@ def multi_scale_deformable_attention(
         (B, Q, H * Dh) in ``value``'s dtype, heads major. 16-bit inputs are sampled in float32.
 
     On CPU in eager mode the sum is computed by :func:`sample_by_bags`, elsewhere (other devices, tracing,
-    scripting, export) by :func:`sample_by_grid`; both give the same result up to float rounding.
+    scripting, export, ``torch.compile``) by :func:`sample_by_grid`; both give the same result up to float
+    rounding.
     """
     if not torch.jit.is_scripting() and _bags_apply(value):
         return sample_by_bags(value, spatial_shapes, sampling_locations, attention_weights)
@@ -63,8 +64,9 @@ def multi_scale_deformable_attention(
 
 @torch.jit.unused
 def _bags_apply(value: Tensor) -> bool:
-    """Whether :func:`sample_by_bags` is used: on CPU, outside tracing and export (which need ``GridSample``)."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    """Whether :func:`sample_by_bags` is used: on CPU in eager mode; not while tracing or exporting (ONNX needs
+    ``GridSample``) nor under ``torch.compile`` (its backward loops over chunks in Python)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return False
     return value.device.type == "cpu"
 
