@@ -23,10 +23,6 @@ from .linear import Linear
 
 __all__ = ["MultiScaleDeformableAttention", "multi_scale_deformable_attention", "sample_by_bags", "sample_by_grid"]
 
-# Table rows gathered at a time in the backward of sample_by_bags (a few MB, cache-sized).
-_BACKWARD_CHUNK = 16384
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the sampling runs in: float32 for 16-bit inputs (a normalised coordinate in 16 bits is off by
     up to a pixel on a 100-pixel-wide map, and some kernels lack 16-bit CPU versions), else ``dtype``."""
@@ -175,8 +171,9 @@ class _BilinearBagSum(torch.autograd.Function):
     frac (M, K, 2), the position (x, y) inside the cell, in [0, 1) -> (M, D). Forward is one weighted
     ``F.embedding_bag``. Backward: the corner weights' gradient, grad[i] . table[row], is a sampled product of
     (M, D) by (D, N) at the rows' pattern (``torch.sparse.sampled_addmm``), turned into the attention's and
-    frac's gradients in closed form; the table's gradient is accumulated through chunks of bags small enough to
-    stay in cache. (PyTorch's own ``embedding_bag`` backward sorts all indices and takes several times longer.)
+    frac's gradients in closed form; the table's gradient is the transposed weighted sum, another
+    ``F.embedding_bag`` over ``grad`` with one bag per table row (the samples sorted by row). Both run as a few
+    large parallel operations; PyTorch's own ``embedding_bag`` backward takes several times longer on CPU.
     """
 
     @staticmethod
@@ -211,14 +208,13 @@ class _BilinearBagSum(torch.autograd.Function):
                 grad_fx = ((grad_weights[..., 1] - grad_weights[..., 0]) * wy).sum(-1)
                 grad_frac = torch.stack([grad_fx, along_x[..., 1] - along_x[..., 0]], -1) * attention[..., None]
             if ctx.needs_input_grad[0]:
-                grad_table = torch.zeros_like(table)
-                weights = weights.view(num_bags, points * 4)
-                step = max(1, _BACKWARD_CHUNK // (points * 4))
-                for begin in range(0, num_bags, step):
-                    end = min(begin + step, num_bags)
-                    contributions = weights[begin:end, :, None] * grad[begin:end, None]  # (n, 4K, D)
-                    grad_table.index_add_(0, rows[begin:end].reshape(-1).long(),
-                                          contributions.view(-1, table.shape[1]))
+                # The transposed sum: each table row is a bag of the (bag, weight) pairs that read it.
+                flat = rows.reshape(-1)
+                order = torch.sort(flat, stable=True).indices
+                counts = torch.bincount(flat, minlength=table.shape[0])
+                grad_table = F.embedding_bag(torch.div(order, points * 4, rounding_mode="floor"), grad,
+                                             offsets=counts.cumsum(0) - counts,
+                                             per_sample_weights=weights.reshape(-1).index_select(0, order), mode="sum")
         return grad_table, None, grad_attention, grad_frac
 
 
