@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from d2_detr.engine.allocator import keep_freed_memory  # noqa: E402
 from d2_detr.layers.deformable_attention import sample_by_bags, sample_by_grid  # noqa: E402
 
 LEVELS = [(100, 134), (50, 67), (25, 34), (13, 17)]
@@ -103,9 +104,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as training does (tools/train_net.py)
     total = sum(h * w for h, w in LEVELS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, levels {LEVELS} (S = {total}), "
-          f"{args.heads} heads, {args.points} points, head dim {args.head_dim}, {args.repeats} repeats")
+          f"{args.heads} heads, {args.points} points, head dim {args.head_dim}, {args.repeats} repeats, freed memory "
+          f"kept: {kept}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("times in ms: median (min-max); wall clock, and process CPU time (all threads)")
     header = f"{'batch':>5} {'queries':>7} {'pass':>8} {'impl':>5} {'wall ms':>20} {'cpu ms':>20} {'speed-up':>8}"
     print(header)
@@ -131,6 +134,7 @@ def main() -> None:
             print(f"      kept for backward (MB): {saved}")
             diffs = agreement(inputs)
             print("      agreement: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()), flush=True)
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
