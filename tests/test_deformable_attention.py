@@ -9,10 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from d2_detr.layers.deformable_attention import MultiScaleDeformableAttention, multi_scale_deformable_attention
+from d2_detr.layers.deformable_attention import (
+    MultiScaleDeformableAttention,
+    multi_scale_deformable_attention,
+    sample_by_bags,
+    sample_by_grid,
+)
 
 # Levels of different sizes, including a single row and a single column.
 SHAPES = [(3, 4), (1, 5), (2, 1)]
+# The two implementations (the layer uses the first on CPU in eager mode, the second elsewhere).
+IMPLEMENTATIONS = pytest.mark.parametrize("sample", [sample_by_bags, sample_by_grid], ids=["bags", "grid"])
 
 
 @pytest.fixture(autouse=True)
@@ -68,40 +75,44 @@ def _inputs(shapes=SHAPES, batch=2, queries=3, heads=2, points=2, dim=3, dtype=t
     return value, locations, weights
 
 
-def test_function_matches_naive_loop():
+@IMPLEMENTATIONS
+def test_function_matches_naive_loop(sample):
     value, locations, weights = _inputs()
-    out = multi_scale_deformable_attention(value, SHAPES, locations, weights)
+    out = sample(value, SHAPES, locations, weights)
     assert out.shape == (2, 3, 2 * 3) and out.dtype == torch.float64
     torch.testing.assert_close(out, _naive(value, SHAPES, locations, weights), rtol=1e-10, atol=1e-10)
 
 
-def test_function_borders_and_outside():
+@IMPLEMENTATIONS
+def test_function_borders_and_outside(sample):
     """Points on pixel centres, half a pixel inside/outside the edge and beyond it, on a 1 x 4 level."""
     shapes = [(1, 4)]
     value = torch.arange(1.0, 5.0, dtype=torch.float64).view(1, 4, 1, 1)
     xs = torch.tensor([0.125, 0.0, -0.125, 1.0, 1.125, -3.0, 0.5], dtype=torch.float64)  # x * 4 - 0.5 in pixels
     locations = torch.stack([xs, torch.full_like(xs, 0.5)], -1).view(1, len(xs), 1, 1, 1, 2)
     weights = torch.ones(1, len(xs), 1, 1, 1, dtype=torch.float64)
-    out = multi_scale_deformable_attention(value, shapes, locations, weights).flatten()
+    out = sample(value, shapes, locations, weights).flatten()
     # pixel 0 -> 1; -0.5 -> half of pixel 0; -1 -> 0; 3.5 -> half of pixel 3; 4 and beyond -> 0; 1.5 -> 2.5
     torch.testing.assert_close(out, torch.tensor([1.0, 0.5, 0.0, 2.0, 0.0, 0.0, 2.5], dtype=torch.float64))
     torch.testing.assert_close(out, _naive(value, shapes, locations, weights).flatten())
 
 
-def test_function_gradcheck():
+@IMPLEMENTATIONS
+def test_function_gradcheck(sample):
     value, locations, weights = _inputs(shapes=[(2, 3), (1, 2)], batch=1, queries=2, heads=2, points=2, dim=2)
     for t in (value, locations, weights):
         t.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda v, s, a: multi_scale_deformable_attention(v, [(2, 3), (1, 2)], s, a),
+        lambda v, s, a: sample(v, [(2, 3), (1, 2)], s, a),
         (value, locations, weights), eps=1e-6, atol=1e-6,
     )
 
 
-def test_function_gradients_match_naive_loop():
+@IMPLEMENTATIONS
+def test_function_gradients_match_naive_loop(sample):
     value, locations, weights = _inputs(batch=1, queries=2)
     grads = []
-    for fn in (multi_scale_deformable_attention, _naive):
+    for fn in (sample, _naive):
         inputs = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
         out = fn(inputs[0], SHAPES, inputs[1], inputs[2])
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
@@ -110,16 +121,36 @@ def test_function_gradients_match_naive_loop():
         torch.testing.assert_close(ours, naive, rtol=1e-10, atol=1e-10)
 
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_function_low_precision_inputs(dtype):
+def test_function_low_precision_inputs(sample, dtype):
     value, locations, weights = _inputs(dtype=torch.float32)
-    expected = multi_scale_deformable_attention(value, SHAPES, locations, weights)
+    expected = sample(value, SHAPES, locations, weights)
     low = [t.to(dtype).requires_grad_(True) for t in (value, locations, weights)]
-    out = multi_scale_deformable_attention(low[0], SHAPES, low[1], low[2])
+    out = sample(low[0], SHAPES, low[1], low[2])
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in low)
+
+
+def test_function_uses_bags_on_cpu_and_agrees_with_grid():
+    value, locations, weights = _inputs(dtype=torch.float32, queries=50)
+    out = multi_scale_deformable_attention(value, SHAPES, locations, weights)
+    assert torch.equal(out, sample_by_bags(value, SHAPES, locations, weights))
+    torch.testing.assert_close(out, sample_by_grid(value, SHAPES, locations, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_bags_out_of_range_and_non_finite_locations():
+    """Far-away, infinite and NaN locations never index outside ``value``; far-away ones read zero."""
+    value, locations, weights = _inputs(dtype=torch.float32)
+    locations[0, 0, 0, 0, 0] = torch.tensor([1e12, -1e12])
+    locations[0, 1, 0, 0, 0] = torch.tensor([float("inf"), float("-inf")])
+    locations[1, 0, 0, 0, 0] = torch.tensor([float("nan"), 0.5])
+    out = sample_by_bags(value, SHAPES, locations, weights)
+    expected = sample_by_grid(value, SHAPES, locations, weights)
+    torch.testing.assert_close(out[0, 0], expected[0, 0])
+    assert torch.isfinite(out[1, 1:]).all()
 
 
 def _random_module(embed_dim=8, heads=2, levels=3, points=2, seed=0) -> MultiScaleDeformableAttention:

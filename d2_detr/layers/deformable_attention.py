@@ -5,8 +5,9 @@ locations are the query's reference point plus learned offsets, the values there
 interpolation (zero outside the map, ``align_corners=False`` pixel centres) and summed with learned weights
 that are softmaxed over all levels and points of the head.
 
-The sampling is :func:`torch.nn.functional.grid_sample`, so the layer runs on any device and dtype PyTorch
-supports, and traces, scripts and exports to ONNX (``GridSample``, opset 16 and newer).
+The sampling is standard PyTorch operators (``grid_sample``, and on CPU a weighted ``embedding_bag``), so the
+layer runs on any device and dtype PyTorch supports, and traces, scripts and exports to ONNX (``GridSample``,
+opset 16 and newer).
 """
 import math
 import warnings
@@ -16,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers.wrappers import shapes_to_tensor
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .linear import Linear
 
-__all__ = ["MultiScaleDeformableAttention", "multi_scale_deformable_attention"]
+__all__ = ["MultiScaleDeformableAttention", "multi_scale_deformable_attention", "sample_by_bags", "sample_by_grid"]
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the sampling runs in: float32 for 16-bit inputs (a normalised coordinate in 16 bits is off by
@@ -46,7 +48,33 @@ def multi_scale_deformable_attention(
 
     Returns:
         (B, Q, H * Dh) in ``value``'s dtype, heads major. 16-bit inputs are sampled in float32.
+
+    On CPU in eager mode the sum is computed by :func:`sample_by_bags`, elsewhere (other devices, tracing,
+    scripting, export, ``torch.compile``) by :func:`sample_by_grid`; both give the same result up to float
+    rounding.
     """
+    if not torch.jit.is_scripting() and _bags_apply(value):
+        return sample_by_bags(value, spatial_shapes, sampling_locations, attention_weights)
+    return sample_by_grid(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+@torch.jit.unused
+def _bags_apply(value: Tensor) -> bool:
+    """Whether :func:`sample_by_bags` is used: on CPU in eager mode; not while tracing or exporting (ONNX needs
+    ``GridSample``) nor under ``torch.compile`` (its backward loops over chunks in Python)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False
+    return value.device.type == "cpu"
+
+
+def sample_by_grid(
+    value: Tensor,
+    spatial_shapes: List[Tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """:func:`multi_scale_deformable_attention` by one :func:`torch.nn.functional.grid_sample` per level (any
+    device; traces and exports to ONNX ``GridSample``). Arguments and result as there."""
     batch, _, heads, head_dim = value.shape
     num_queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     dtype = _compute_dtype(value.dtype)
@@ -64,6 +92,130 @@ def multi_scale_deformable_attention(
     weights = attention_weights.to(dtype).transpose(1, 2).reshape(batch * heads, 1, num_queries, levels * points)
     out = (sampled * weights).sum(-1)  # (B*H, Dh, Q)
     return out.view(batch, heads * head_dim, num_queries).transpose(1, 2).to(value.dtype)
+
+
+@torch.jit.unused
+def sample_by_bags(
+    value: Tensor,
+    spatial_shapes: List[Tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """:func:`multi_scale_deformable_attention` as one weighted sum of table rows per (query, head) (a weighted
+    ``embedding_bag``): the rows are the 4 * L * P value cells around the head's sampling points, weighted by
+    attention weight times bilinear weight. The table is a copy of ``value`` with every level framed by zeros
+    (one row/column before, two after), so that points outside a map, clamped onto the frame, read zeros
+    without any masking; no (samples x Dh) tensor is materialised, forward or backward. Arguments and result
+    as in :func:`multi_scale_deformable_attention`.
+    """
+    batch, _, heads, head_dim = value.shape
+    num_queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    dtype = _compute_dtype(value.dtype)
+    device = value.device
+    table, starts = _framed_levels(value.to(dtype), spatial_shapes)  # (B, T, H, Dh), (L,)
+    num_rows = table.shape[0] * table.shape[1] * heads
+    index = torch.int32 if num_rows < 2**31 else torch.int64
+    hw = torch.tensor(spatial_shapes, dtype=index, device=device).view(levels, 2)
+    size = hw.flip(-1).view(levels, 1, 2)  # (L, 1, (W, H)), broadcasts against (B, Q, H, L, P, 2)
+    # Pixel coordinates in the framed map (pixel centres at integers, align_corners=False, +1 for the frame),
+    # clamped onto the frame: from there on the sample reads zeros, as outside the map.
+    pixel = sampling_locations.to(dtype) * size + 0.5
+    pixel = torch.minimum(pixel.clamp(min=0), size + 1)
+    lower = pixel.detach().floor()
+    frac = pixel - lower  # (B, Q, H, L, P, 2)
+    corner = lower.nan_to_num(0.0).to(index)  # top-left neighbour (non-finite coordinates read the frame)
+    # Rows of the (B*T*H, Dh) table: ((b * T + start_l + y * (W_l + 3) + x) * H + h), and the other three
+    # corners at +H (right), +(W_l + 3)*H (below) and both.
+    row_stride = (size[..., 0] + 3) * heads  # (L, 1)
+    first = (torch.arange(batch, dtype=index, device=device) * (table.shape[1] * heads)).view(batch, 1, 1, 1, 1)
+    first = first + torch.arange(heads, dtype=index, device=device).view(1, 1, heads, 1, 1)  # (B, 1, H, 1, 1)
+    rows = corner[..., 1] * row_stride + corner[..., 0] * heads + (starts.to(index).view(levels, 1) * heads + first)
+    steps = torch.stack([torch.zeros_like(row_stride), torch.full_like(row_stride, heads), row_stride,
+                         row_stride + heads], -1)  # (L, 1, 4)
+    rows = rows[..., None] + steps  # (B, Q, H, L, P, 4)
+    bags = batch * num_queries * heads
+    out = _BilinearBagSum.apply(table.view(num_rows, head_dim), rows.view(bags, levels * points, 4),
+                                attention_weights.to(dtype).reshape(bags, levels * points),
+                                frac.view(bags, levels * points, 2))
+    return out.view(batch, num_queries, heads * head_dim).to(value.dtype)
+
+
+def _framed_levels(value: Tensor, spatial_shapes: List[Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
+    """value (B, S, H, Dh) -> the levels each framed by zeros, one row/column before and two after,
+    concatenated: (B, T, H, Dh) with T = sum (H_l + 3) * (W_l + 3), and the start of each level in T (L,)."""
+    batch, _, heads, head_dim = value.shape
+    framed: List[Tensor] = []
+    starts: List[int] = []
+    start, framed_start = 0, 0
+    for h, w in spatial_shapes:
+        level = value[:, start:start + h * w].reshape(batch, h, w, heads * head_dim)
+        framed.append(F.pad(level, (0, 0, 1, 2, 1, 2)).view(batch, -1, heads, head_dim))
+        starts.append(framed_start)
+        start += h * w
+        framed_start += (h + 3) * (w + 3)
+    return torch.cat(framed, 1), torch.tensor(starts, device=value.device)
+
+
+def _corner_weights(attention: Tensor, frac: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """attention (M, K), frac (M, K, 2) (x, y) -> corner weights (M, K, 2 (y), 2 (x)) = attention times the
+    bilinear weights, and the per-axis weights (1 - f, f) along x and along y, (M, K, 2) each."""
+    wx = torch.stack([1 - frac[..., 0], frac[..., 0]], -1)
+    wy = torch.stack([1 - frac[..., 1], frac[..., 1]], -1)
+    return (attention[..., None] * wy)[..., :, None] * wx[..., None, :], wx, wy
+
+
+class _BilinearBagSum(torch.autograd.Function):
+    """out[i] = sum over points k and corners c of attention[i, k] * bilinear_c(frac[i, k]) * table[rows[i, k, c]].
+
+    table (N, D); rows (M, K, 4) corner rows (top-left, top-right, bottom-left, bottom-right); attention (M, K);
+    frac (M, K, 2), the position (x, y) inside the cell, in [0, 1) -> (M, D). Forward is one weighted
+    ``F.embedding_bag``. Backward: the corner weights' gradient, grad[i] . table[row], is a sampled product of
+    (M, D) by (D, N) at the rows' pattern (``torch.sparse.sampled_addmm``), turned into the attention's and
+    frac's gradients in closed form; the table's gradient is the transposed weighted sum, another
+    ``F.embedding_bag`` over ``grad`` with one bag per table row (the samples sorted by row). Both run as a few
+    large parallel operations; PyTorch's own ``embedding_bag`` backward takes several times longer on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, rows: Tensor, attention: Tensor, frac: Tensor) -> Tensor:
+        ctx.save_for_backward(table, rows, attention, frac)
+        weights = _corner_weights(attention, frac)[0]
+        num_bags = rows.shape[0]
+        return F.embedding_bag(rows.view(num_bags, -1), table, per_sample_weights=weights.view(num_bags, -1),
+                               mode="sum")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        table, rows, attention, frac = ctx.saved_tensors
+        grad = grad.contiguous()
+        num_bags, points, _ = rows.shape
+        rows = rows.view(num_bags, points * 4)
+        weights, wx, wy = _corner_weights(attention, frac)
+        grad_table = grad_attention = grad_frac = None
+        with torch.autocast(table.device.type, enabled=False):
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+                with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                    warnings.simplefilter("ignore", UserWarning)
+                    pattern = torch.sparse_csr_tensor(
+                        torch.arange(0, rows.numel() + 1, points * 4, dtype=rows.dtype, device=rows.device),
+                        rows.reshape(-1), torch.zeros(rows.numel(), dtype=table.dtype, device=table.device),
+                        (num_bags, table.shape[0]), check_invariants=False)
+                grad_weights = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values()
+                grad_weights = grad_weights.view(num_bags, points, 2, 2)  # (M, K, y, x)
+                along_x = (grad_weights * wx[..., None, :]).sum(-1)  # (M, K, 2 (y))
+                grad_attention = (along_x * wy).sum(-1)
+                grad_fx = ((grad_weights[..., 1] - grad_weights[..., 0]) * wy).sum(-1)
+                grad_frac = torch.stack([grad_fx, along_x[..., 1] - along_x[..., 0]], -1) * attention[..., None]
+            if ctx.needs_input_grad[0]:
+                # The transposed sum: each table row is a bag of the (bag, weight) pairs that read it.
+                flat = rows.reshape(-1)
+                order = torch.sort(flat, stable=True).indices
+                counts = torch.bincount(flat, minlength=table.shape[0])
+                grad_table = F.embedding_bag(torch.div(order, points * 4, rounding_mode="floor"), grad,
+                                             offsets=counts.cumsum(0) - counts,
+                                             per_sample_weights=weights.reshape(-1).index_select(0, order), mode="sum")
+        return grad_table, None, grad_attention, grad_frac
 
 
 def _last_dim(t: Tensor) -> int:
