@@ -52,6 +52,9 @@ def add_detr_config(cfg: CN) -> None:
     detr.NUM_OBJECT_QUERIES = 100
     # Position encoding of the feature map: "sine" (default), "learned", or a registered name.
     detr.POSITION_EMBEDDING = "sine"
+    # Sine encoding: added to the cell positions (1, 2, ...) before they are normalised. 0.0 for DETR (the last
+    # cell sits at 2*pi); -0.5 for Deformable DETR (cell centres), as its original code.
+    detr.POSITION_EMBEDDING_OFFSET = 0.0
 
     # ---- set loss ----
     # Registered name of the set criterion (d2_detr.modeling.criterion.DETR_CRITERION_REGISTRY).
@@ -76,10 +79,15 @@ def add_detr_config(cfg: CN) -> None:
     detr.COST_BBOX = 5.0
     # Weight of -GIoU in the matching cost.
     detr.COST_GIOU = 2.0
+    # Sigmoid focal loss and focal matching cost (MATCHER_NAME FocalHungarianMatcher, CRITERION_NAME
+    # FocalSetCriterion; see d2_detr.modeling.focal): weight of the positives (1 - alpha for the negatives).
+    detr.FOCAL_ALPHA = 0.25
+    # Focal loss and focal matching cost: exponent of the modulating factor (1 - p_t).
+    detr.FOCAL_GAMMA = 2.0
 
     # ---- inference ----
     # 0: the paper's rule (every query returned, score = best non-"no object" probability);
-    # k > 0: keep the k best (query, class) pairs of each image instead.
+    # k > 0: keep the k best (query, class) pairs of each image instead (Deformable DETR: 100, by sigmoid score).
     detr.TEST_TOPK = 0
 
     # ---- speed (none of these changes the outputs beyond float rounding) ----
@@ -125,6 +133,8 @@ def add_detr_config(cfg: CN) -> None:
     # re-assigned (the original drops areas <= 4).
     detr.PANOPTIC_MIN_AREA = 5
 
+    _add_deformable_detr_config(cfg)
+
     # ---- data ----
     # Check of the datasets when training starts (DATASETS.TRAIN as the train loader gets them, and DATASETS.TEST),
     # before the first iteration; problems stop the run with a list of the files and what is wrong with them.
@@ -154,6 +164,11 @@ def add_detr_config(cfg: CN) -> None:
     cfg.SOLVER.FUSED_OPTIMIZER = True
     # Learning-rate multiplier of the backbone's parameters.
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Further learning-rate multipliers by parameter name: a list of [pattern, multiplier] pairs; a parameter whose
+    # name contains a match of the regular expression ``pattern`` (re.search) gets its LR times ``multiplier`` (the
+    # first matching pair counts; combined with BACKBONE_MULTIPLIER for backbone parameters). Deformable DETR:
+    # [["sampling_offsets", 0.1], ["reference_points", 0.1]].
+    cfg.SOLVER.LR_MULTIPLIERS = []
     # Gradient clipping of the recipe: the whole model's L2 norm at 0.1. CLIP_TYPE "full_model" is added
     # here; Detectron2's "value" and "norm" (per parameter) still work.
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
@@ -168,6 +183,34 @@ def add_detr_config(cfg: CN) -> None:
     # With SOLVER.AMP.ENABLED: the autocast dtype. "float16" (with a gradient scaler), "bfloat16" (no scaler
     # needed), or "auto": float16 on CUDA, bfloat16 on CPU. Matching and losses always run in float32.
     cfg.SOLVER.AMP.DTYPE = "auto"
+
+
+def _add_deformable_detr_config(cfg: CN) -> None:
+    """Keys of the models built on multi-scale deformable attention (``DeformableDetr``; DINO reads them too).
+
+    These models also read the ``MODEL.DETR`` keys they share with DETR (NUM_CLASSES, HIDDEN_DIM, NHEADS,
+    DROPOUT, DIM_FEEDFORWARD, ENC_LAYERS, DEC_LAYERS, NUM_OBJECT_QUERIES, the loss and cost weights, TEST_TOPK and
+    the speed options), with the values of their own recipe set in configs/Base-DeformableDETR.yaml.
+    """
+    cfg.MODEL.DEFORMABLE_DETR = CN()
+    deformable = cfg.MODEL.DEFORMABLE_DETR
+    # Backbone outputs fed to the transformer, finest first (strides 8, 16, 32 for res3..res5).
+    deformable.IN_FEATURES = ["res3", "res4", "res5"]
+    # Feature levels of the transformer: the IN_FEATURES, then NUM_FEATURE_LEVELS - len(IN_FEATURES) extra
+    # levels, each a 3x3 stride-2 conv (+ GroupNorm) of the previous one (the first of the last backbone output).
+    # 4 in the paper; 1 with IN_FEATURES ["res5"] is its single-scale model.
+    deformable.NUM_FEATURE_LEVELS = 4
+    # Sampling points per attention head and feature level in the encoder's deformable self-attention.
+    deformable.ENC_N_POINTS = 4
+    # Sampling points per attention head and feature level in the decoder's deformable cross-attention.
+    deformable.DEC_N_POINTS = 4
+    # Iterative bounding box refinement: each decoder layer has its own heads and refines the previous layer's
+    # boxes, which become its successor's reference boxes.
+    deformable.WITH_BOX_REFINE = False
+    # Two-stage: the encoder output proposes boxes (one per feature cell, scored by an extra head and supervised
+    # class-agnostically: losses "*_enc"); the top NUM_OBJECT_QUERIES give the decoder's reference boxes and
+    # queries.
+    deformable.TWO_STAGE = False
 
 
 class ConfigError(ValueError):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -6,6 +8,8 @@ from d2_detr.layers.box_ops import (
     box_xyxy_to_cxcywh,
     elementwise_generalized_box_iou,
     generalized_box_iou,
+    inverse_sigmoid,
+    refine_boxes,
 )
 
 
@@ -84,3 +88,22 @@ def test_elementwise_equals_diagonal_and_empty_inputs():
     torch.testing.assert_close(elementwise_generalized_box_iou(a, b), generalized_box_iou(a, b).diagonal())
     assert generalized_box_iou(a[:0], b).shape == (0, 7)
     assert elementwise_generalized_box_iou(a[:0], b[:0]).shape == (0,)
+
+
+def test_inverse_sigmoid_is_clamped_and_inverts_sigmoid():
+    x = torch.tensor([-0.5, 0.0, 0.3, 1.0, 2.0])
+    out = inverse_sigmoid(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[[0, 1]], torch.full((2,), math.log(1e-5)))  # clamped at 0, then to eps
+    torch.testing.assert_close(out[[3, 4]], torch.full((2,), -math.log(1e-5)))
+    torch.testing.assert_close(out[2].sigmoid(), torch.tensor(0.3))
+
+
+def test_refine_boxes_points_and_boxes():
+    deltas = torch.tensor([[0.5, -0.5, 1.0, -1.0]])
+    point = torch.tensor([[0.3, 0.6]])
+    expected = torch.cat([deltas[:, :2] + inverse_sigmoid(point), deltas[:, 2:]], -1).sigmoid()
+    torch.testing.assert_close(refine_boxes(deltas, point), expected)
+    box = torch.tensor([[0.3, 0.6, 0.2, 0.1]])
+    torch.testing.assert_close(refine_boxes(torch.zeros(1, 4), box), box)
+    torch.testing.assert_close(refine_boxes(deltas, box), (deltas + inverse_sigmoid(box)).sigmoid())

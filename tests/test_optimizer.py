@@ -119,3 +119,34 @@ def test_grad_scaler_skips_inf_step_without_touching_parameters_or_state(monkeyp
     assert not recorder.norms and not optimizer.state
     for a, b in zip(model.parameters(), _Model().parameters()):
         assert torch.equal(a, b)
+
+
+def test_lr_multipliers_by_name_pattern():
+    """First matching pattern counts; it combines with the backbone multiplier."""
+    cfg = _cfg(LR_MULTIPLIERS=[["head\\.weight", 0.5], ["weight", 0.2]])
+    _, optimizer = _step(cfg)
+    lrs = {group["name"]: (group["lr"], len(group["params"])) for group in optimizer.param_groups}
+    assert lrs == {"other": (pytest.approx(1e-2), 1), "backbone": (pytest.approx(1e-3), 1),
+                   "'head\\.weight'": (pytest.approx(5e-3), 1), "backbone and 'weight'": (pytest.approx(2e-4), 1)}
+
+
+@pytest.mark.parametrize("entry", [["weight"], ["weight", "0.1"], [3, 0.1], ["(", 0.1]])
+def test_malformed_lr_multipliers_are_clear_errors(entry):
+    with pytest.raises(ValueError, match="SOLVER.LR_MULTIPLIERS"):
+        build_detr_optimizer(_cfg(LR_MULTIPLIERS=[entry]), _Model())
+
+
+def test_deformable_recipe_groups():
+    """Base-DeformableDETR.yaml: sampling offsets and reference points at 0.1x the base LR, the backbone at 0.1x."""
+    cfg = load_config("tests/configs/tiny_deformable.yaml")
+    from detectron2.modeling import build_model
+
+    model = build_model(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: g for g in build_detr_optimizer(cfg, model).param_groups}
+    assert groups["'sampling_offsets'"]["lr"] == pytest.approx(2e-5)
+    assert groups["'reference_points'"]["lr"] == pytest.approx(2e-5)
+    assert groups["backbone"]["lr"] == pytest.approx(2e-5) and groups["other"]["lr"] == pytest.approx(2e-4)
+    assert {names[id(p)] for p in groups["'reference_points'"]["params"]} == {
+        "transformer.reference_points.weight", "transformer.reference_points.bias"}
+    assert all("sampling_offsets" in names[id(p)] for p in groups["'sampling_offsets'"]["params"])

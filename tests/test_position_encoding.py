@@ -7,12 +7,13 @@ import torch
 from detectron2.config import get_cfg
 
 from d2_detr.config import add_detr_config
-from d2_detr.layers.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from d2_detr.layers.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, sine_box_embedding
 from d2_detr.modeling.registry import build_position_encoding
 
 
-def _sine_reference(valid: np.ndarray, num_pos_feats: int) -> np.ndarray:
-    """The DETR sine formula written out cell by cell for one image; valid: (H, W) bool. Returns (2F, H, W)."""
+def _sine_reference(valid: np.ndarray, num_pos_feats: int, offset: float = 0.0) -> np.ndarray:
+    """The DETR sine formula written out cell by cell for one image; valid: (H, W) bool. Returns (2F, H, W).
+    ``offset`` is added to the positions before normalising (Deformable DETR: -0.5)."""
     h, w = valid.shape
     out = np.zeros((2 * num_pos_feats, h, w))
     for r in range(h):
@@ -21,8 +22,8 @@ def _sine_reference(valid: np.ndarray, num_pos_feats: int) -> np.ndarray:
             y_last = sum(valid[rr, c] for rr in range(h))
             x = sum(valid[r, cc] for cc in range(c + 1))
             x_last = sum(valid[r, cc] for cc in range(w))
-            y = y / (y_last + 1e-6) * 2 * math.pi
-            x = x / (x_last + 1e-6) * 2 * math.pi
+            y = (y + offset) / (y_last + 1e-6) * 2 * math.pi
+            x = (x + offset) / (x_last + 1e-6) * 2 * math.pi
             for i in range(num_pos_feats):
                 dim = 10000 ** (2 * (i // 2) / num_pos_feats)
                 trig = math.sin if i % 2 == 0 else math.cos
@@ -110,3 +111,31 @@ def test_build_from_config(name, cls):
     assert enc(torch.zeros(1, 2, 3, dtype=torch.bool)).shape == (1, 64, 2, 3)
     cfg.MODEL.DETR.POSITION_EMBEDDING = cls.__name__
     assert type(build_position_encoding(cfg)) is cls
+
+
+def test_sine_offset_puts_positions_at_cell_centres():
+    mask = torch.tensor([[[False, False, True], [False, False, True]]])
+    pos = PositionEmbeddingSine(num_pos_feats=4, offset=-0.5)(mask)
+    expected = _sine_reference(~mask[0].numpy(), 4, offset=-0.5)
+    # valid cells (padded ones hold huge angles whose float32 sines differ from float64's)
+    np.testing.assert_allclose(pos[0, :, :, :2].numpy(), expected[:, :, :2], atol=1e-5)
+    assert not torch.allclose(pos, PositionEmbeddingSine(num_pos_feats=4)(mask))
+
+
+def test_sine_offset_from_config():
+    cfg = get_cfg()
+    add_detr_config(cfg)
+    assert build_position_encoding(cfg).offset == 0.0  # DETR
+    cfg.MODEL.DETR.POSITION_EMBEDDING_OFFSET = -0.5
+    assert build_position_encoding(cfg).offset == -0.5
+
+
+def test_sine_box_embedding_coordinate_by_coordinate():
+    boxes = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    emb = sine_box_embedding(boxes, num_pos_feats=4)
+    assert emb.shape == (1, 16)
+    for c, value in enumerate(boxes[0].tolist()):
+        for i in range(4):
+            angle = value * 2 * math.pi / 10000 ** (2 * (i // 2) / 4)
+            expected = math.sin(angle) if i % 2 == 0 else math.cos(angle)
+            assert emb[0, 4 * c + i].item() == pytest.approx(expected, abs=1e-6)

@@ -1,6 +1,6 @@
 """Checkpoints: loading with clear errors (strictly for evaluation and inference), conversion of original
-DETR and torchvision ResNet weights to d2_detr's names, and ``torchvision://`` weights paths (registered on
-Detectron2's PathManager on import)."""
+DETR, Deformable DETR and torchvision ResNet weights to d2_detr's names, and ``torchvision://`` weights paths
+(registered on Detectron2's PathManager on import)."""
 from detectron2.utils.file_io import PathManager
 
 from .convert import (
@@ -16,6 +16,13 @@ from .convert import (
     resnet_depth,
     save_converted_checkpoint,
 )
+from .convert_deformable import (
+    COCO_SIGMOID_HEAD_ROWS,
+    coco_sigmoid_class_head_rows,
+    convert_deformable_detr_state_dict,
+    deformable_detr_variant,
+    is_deformable_detr_state_dict,
+)
 from .loading import (
     CheckedCheckpointer,
     CheckpointError,
@@ -30,13 +37,18 @@ __all__ = [
     "CheckpointError",
     "UnreadableCheckpointError",
     "COCO_NO_OBJECT_ROW",
+    "COCO_SIGMOID_HEAD_ROWS",
     "COCO_PANOPTIC_NO_OBJECT_ROW",
     "DETR_CHECKPOINT_DESCRIPTION",
     "TORCHVISION_RESNET_DESCRIPTION",
     "coco_class_head_rows",
     "coco_panoptic_class_head_rows",
+    "coco_sigmoid_class_head_rows",
+    "convert_deformable_detr_state_dict",
     "convert_detr_state_dict",
     "convert_torchvision_resnet_state_dict",
+    "deformable_detr_variant",
+    "is_deformable_detr_state_dict",
     "load_checkpoint_strict",
     "load_inference_weights",
     "load_state_dict_file",

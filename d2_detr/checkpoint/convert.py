@@ -60,9 +60,10 @@ _SEGM_MASK_PREFIXES = ("bbox_attention.", "mask_head.")
 
 #: What tools/convert_detr_checkpoint.py expects, for its error messages.
 DETR_CHECKPOINT_DESCRIPTION = (
-    "an original DETR checkpoint of facebookresearch/detr (e.g. detr-r50-e632da11.pth): a torch.save file with "
-    "a \"model\" state dict of keys backbone.0.body.* (torchvision ResNet), transformer.*, input_proj.*, "
-    "query_embed.*, class_embed.*, bbox_embed.*")
+    "an original DETR checkpoint of facebookresearch/detr (e.g. detr-r50-e632da11.pth) or Deformable DETR "
+    "checkpoint of fundamentalvision/Deformable-DETR (e.g. r50_deformable_detr-checkpoint.pth): a torch.save file "
+    "with a \"model\" state dict of keys backbone.0.body.* (torchvision ResNet), transformer.*, input_proj.*, "
+    "class_embed.*, bbox_embed.* (and query_embed.*)")
 #: What tools/convert_torchvision_resnet.py expects, for its error messages.
 TORCHVISION_RESNET_DESCRIPTION = (
     "a torchvision ResNet state dict (e.g. resnet50-0676ba61.pth): a torch.save file of keys conv1.*, bn1.*, "

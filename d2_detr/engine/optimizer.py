@@ -1,7 +1,8 @@
 """DETR's optimizer: AdamW (or SGD) with a backbone LR multiplier and full-model gradient clipping."""
 import itertools
 import logging
-from typing import Type
+import re
+from typing import Dict, List, Pattern, Tuple, Type
 
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -9,7 +10,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_detr_optimizer", "step_on_unscaled_gradients", "with_full_model_gradient_clipping"]
+__all__ = ["build_detr_optimizer", "lr_multiplier_rules", "parameter_groups", "step_on_unscaled_gradients",
+           "with_full_model_gradient_clipping"]
 
 
 def step_on_unscaled_gradients(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -47,19 +49,56 @@ def with_full_model_gradient_clipping(optim_cls: Type[torch.optim.Optimizer], ma
     return FullModelGradientClipping
 
 
-def build_detr_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """Parameters whose name starts with ``backbone.`` get ``BASE_LR * BACKBONE_MULTIPLIER``; weight decay
-    ``SOLVER.WEIGHT_DECAY`` applies to every parameter, as in the recipe. ``SOLVER.FUSED_OPTIMIZER`` steps
-    them in one fused kernel. Under a GradScaler the optimizer's ``step`` (clipping included) sees unscaled,
-    finite gradients, fused or not (see :func:`step_on_unscaled_gradients`)."""
-    backbone, rest = [], []
+def lr_multiplier_rules(cfg) -> List[Tuple[Pattern, float]]:
+    """``SOLVER.LR_MULTIPLIERS`` as (compiled pattern, multiplier) pairs; a ValueError names a malformed entry."""
+    rules = []
+    for entry in cfg.SOLVER.LR_MULTIPLIERS:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
+            raise ValueError(f"SOLVER.LR_MULTIPLIERS entry {entry!r}: each entry must be a [pattern, multiplier] pair, "
+                             "e.g. [['sampling_offsets', 0.1], ['reference_points', 0.1]]")
+        try:
+            rules.append((re.compile(entry[0]), float(entry[1])))
+        except re.error as e:
+            raise ValueError(f"SOLVER.LR_MULTIPLIERS pattern {entry[0]!r} is not a regular expression: {e}") from e
+    return rules
+
+
+def parameter_groups(cfg, model: nn.Module) -> List[Dict]:
+    """The trainable parameters in optimizer groups with their learning rates.
+
+    A parameter's LR is ``BASE_LR``, times ``BACKBONE_MULTIPLIER`` when its name starts with ``backbone.``, times the
+    multiplier of the first ``SOLVER.LR_MULTIPLIERS`` pattern found in its name. Groups: the other parameters first,
+    then the backbone, then those of each pattern (without, then with the backbone multiplier); empty ones are left
+    out. Each group has "params", "lr" and "name" (for the log).
+    """
+    rules = lr_multiplier_rules(cfg)
+    grouped: Dict[Tuple[int, bool], List[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(param)
+        if not param.requires_grad:
+            continue
+        rule = next((i for i, (pattern, _) in enumerate(rules) if pattern.search(name)), -1)
+        grouped.setdefault((rule + 1, name.startswith("backbone.")), []).append(param)
     base_lr = cfg.SOLVER.BASE_LR
-    groups = [{"params": rest, "lr": base_lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER})
+    groups = []
+    for rule, backbone in sorted(grouped):
+        lr, labels = base_lr, []
+        if backbone:
+            lr, labels = lr * cfg.SOLVER.BACKBONE_MULTIPLIER, ["backbone"]
+        if rule:
+            pattern, multiplier = rules[rule - 1]
+            lr, labels = lr * multiplier, labels + [f"'{pattern.pattern}'"]
+        groups.append({"params": grouped[(rule, backbone)], "lr": lr, "name": " and ".join(labels) or "other"})
+    return groups
+
+
+def build_detr_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (or SGD) over :func:`parameter_groups`; weight decay ``SOLVER.WEIGHT_DECAY`` applies to every
+    parameter, as in the recipe. ``SOLVER.FUSED_OPTIMIZER`` steps them in one fused kernel. Under a GradScaler
+    the optimizer's ``step`` (clipping included) sees unscaled, finite gradients, fused or not (see
+    :func:`step_on_unscaled_gradients`)."""
+    groups = parameter_groups(cfg, model)
+    base_lr = cfg.SOLVER.BASE_LR
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
         optim_cls, kwargs = torch.optim.AdamW, {}
@@ -74,6 +113,6 @@ def build_detr_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         optim_cls = maybe_add_gradient_clipping(cfg, optim_cls)
     optimizer = step_on_unscaled_gradients(
         optim_cls(groups, lr=base_lr, weight_decay=cfg.SOLVER.WEIGHT_DECAY, fused=cfg.SOLVER.FUSED_OPTIMIZER, **kwargs))
-    logger.info(f"Optimizer {type(optimizer).__name__}: {len(rest)} parameter tensors at lr {base_lr}, "
-                f"{len(backbone)} backbone tensors at lr {base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER}")
+    logger.info(f"Optimizer {type(optimizer).__name__}: " + ", ".join(
+        f"{len(g['params'])} {g['name']} parameter tensors at lr {g['lr']:g}" for g in groups))
     return optimizer

@@ -5,3 +5,6 @@ from .box_ops import (
     elementwise_generalized_box_iou,
     generalized_box_iou,
 )
+from .deformable_attention import MultiScaleDeformableAttention, multi_scale_deformable_attention
+from .deformable_transformer import DeformableDecoder, DeformableDecoderLayer, DeformableEncoder, DeformableEncoderLayer
+from .multiscale_projection import MultiScaleProjection

@@ -9,6 +9,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .tracing import static_size
+
 __all__ = [
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
@@ -16,6 +18,8 @@ __all__ = [
     "box_iou",
     "generalized_box_iou",
     "elementwise_generalized_box_iou",
+    "inverse_sigmoid",
+    "refine_boxes",
 ]
 
 
@@ -29,6 +33,22 @@ def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """Convert ``(..., 4)`` boxes from (x0, y0, x1, y1) to (cx, cy, w, h)."""
     x0, y0, x1, y1 = boxes.unbind(-1)
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """``log(x / (1 - x))`` of ``x`` clamped to [0, 1], with both terms clamped to at least ``eps``: finite
+    (within +-log(1 / eps)) for every x, as in Deformable DETR."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def refine_boxes(deltas: Tensor, reference: Tensor) -> Tensor:
+    """Normalised cxcywh boxes ``(..., 4)`` from a box head's outputs ``deltas`` ``(..., 4)`` relative to
+    ``reference`` points ``(..., 2)`` (cx, cy) or boxes ``(..., 4)``, in inverse-sigmoid space:
+    ``sigmoid(deltas + inverse_sigmoid(reference))``, the reference added to the centre only when it is a point."""
+    if static_size(reference, -1) == 2:
+        return torch.cat([deltas[..., :2] + inverse_sigmoid(reference), deltas[..., 2:]], dim=-1).sigmoid()
+    return (deltas + inverse_sigmoid(reference)).sigmoid()
 
 
 def box_area(boxes: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
-"""Position encodings of a backbone feature map, as in DETR (Carion et al. 2020).
+"""Position encodings of a backbone feature map, as in DETR (Carion et al. 2020), and of boxes.
 
-Both encodings take the padding mask of the feature map (``True`` on padded cells) and return a
+Both feature-map encodings take the padding mask of the feature map (``True`` on padded cells) and return a
 ``(B, 2 * num_pos_feats, H, W)`` tensor that is added to the attention queries and keys of the transformer.
+:func:`sine_box_embedding` encodes boxes the same way, coordinate by coordinate (Deformable DETR's two-stage
+queries).
 """
 import math
 
@@ -9,7 +11,25 @@ import torch
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-__all__ = ["PositionEmbeddingSine", "PositionEmbeddingLearned"]
+__all__ = ["PositionEmbeddingSine", "PositionEmbeddingLearned", "sine_box_embedding", "sine_features"]
+
+
+def sine_features(positions: Tensor, num_pos_feats: int, temperature: float = 10000.0) -> Tensor:
+    """Sine features of positions: ``(...)`` -> ``(..., num_pos_feats)``, interleaved ``sin`` (even feature ``i``)
+    and ``cos`` (odd ``i``) of ``position / temperature ** (2 * floor(i / 2) / num_pos_feats)``, in float32."""
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=positions.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    angles = positions[..., None].float() / dim_t  # (..., num_pos_feats)
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def sine_box_embedding(
+    boxes: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi
+) -> Tensor:
+    """Sine encoding of normalised boxes, coordinate by coordinate: ``(..., 4)`` in [0, 1] ->
+    ``(..., 4 * num_pos_feats)``, the :func:`sine_features` of ``scale * coordinate`` for each coordinate in turn
+    (Deformable DETR's encoding of its two-stage proposals)."""
+    return sine_features(boxes * scale, num_pos_feats, temperature).flatten(-2)
 
 
 def _half_hidden_dim(cfg) -> int:
@@ -24,9 +44,10 @@ class PositionEmbeddingSine(nn.Module):
     """2-D sine encoding: ``num_pos_feats`` features of the row position, then as many of the column position.
 
     Positions are counted over valid (unpadded) cells only, so a cell's encoding does not depend on how much
-    padding follows it. With ``normalize`` they are divided by the last valid position (+1e-6) and multiplied
-    by ``scale``. Feature ``i`` of an axis is ``sin`` (even ``i``) or ``cos`` (odd ``i``) of
-    ``position / temperature ** (2 * floor(i / 2) / num_pos_feats)``.
+    padding follows it: 1 for the first cell. With ``normalize``, ``offset`` is added to them, they are divided by
+    the last valid position (+1e-6) and multiplied by ``scale`` (DETR: offset 0, so the last cell sits at
+    ``scale``; Deformable DETR: offset -0.5, cell centres). Feature ``i`` of an axis is ``sin`` (even ``i``) or
+    ``cos`` (odd ``i``) of ``position / temperature ** (2 * floor(i / 2) / num_pos_feats)``.
     """
 
     @configurable
@@ -36,6 +57,7 @@ class PositionEmbeddingSine(nn.Module):
         temperature: float = 10000.0,
         normalize: bool = True,
         scale: float = 2 * math.pi,
+        offset: float = 0.0,
     ) -> None:
         """
         Args:
@@ -43,6 +65,7 @@ class PositionEmbeddingSine(nn.Module):
             temperature: base of the geometric progression of wavelengths.
             normalize: divide positions by the last valid position of their row/column.
             scale: factor applied to normalised positions (unused without ``normalize``).
+            offset: added to the positions before normalising (unused without ``normalize``).
         """
         super().__init__()
         if num_pos_feats % 2 != 0:
@@ -51,10 +74,11 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = scale
+        self.offset = offset
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        return {"num_pos_feats": _half_hidden_dim(cfg)}
+        return {"num_pos_feats": _half_hidden_dim(cfg), "offset": cfg.MODEL.DETR.POSITION_EMBEDDING_OFFSET}
 
     def forward(self, mask: Tensor) -> Tensor:
         """
@@ -69,16 +93,10 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)  # (B, H, W)
         if self.normalize:
             eps = 1e-6
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
-
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-
-        pos_x = x_embed[:, :, :, None] / dim_t  # (B, H, W, num_pos_feats)
-        pos_y = y_embed[:, :, :, None] / dim_t
-        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+            y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
+        pos_x = sine_features(x_embed, self.num_pos_feats, self.temperature)  # (B, H, W, num_pos_feats)
+        pos_y = sine_features(y_embed, self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2 * num_pos_feats, H, W)
 
 

@@ -1,5 +1,15 @@
-"""DETR's model parts, each registered so that a config can swap it."""
-from . import backbone, criterion, mask_losses, matcher, segmentation, transformer  # noqa: F401  (registration)
+"""The DETR family's model parts, each registered so that a config can swap it."""
+from . import (  # noqa: F401  (registration)
+    backbone,
+    criterion,
+    deformable_transformer,
+    focal,
+    mask_losses,
+    matcher,
+    segmentation,
+    transformer,
+)
+from .deformable_detr import DeformableDetr
 from .detr import Detr
 from .registry import (
     DETR_CRITERION_REGISTRY,
@@ -15,6 +25,7 @@ from .registry import (
 )
 
 __all__ = [
+    "DeformableDetr",
     "Detr",
     "DETR_CRITERION_REGISTRY",
     "DETR_MASK_HEAD_REGISTRY",

@@ -11,6 +11,10 @@ multiplied by its weight.
 Both normalisers count the whole batch of an optimisation step, so that the gradient, once averaged over
 processes by DistributedDataParallel, does not depend on how the batch is split between processes; within
 :meth:`SetCriterion.normalize_over` they also count the step's other accumulated micro-batches.
+
+Outputs with ``"enc_outputs"`` (two-stage models: one prediction per encoder cell) also get the three losses of
+those predictions (suffix ``_enc``), matched and computed against the targets with every label set to 0
+(class-agnostic proposals), with the same normalisers.
 """
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -36,7 +40,8 @@ class SetCriterion(nn.Module):
 
     ``forward`` returns ``(losses, metrics)``: ``losses`` holds exactly the weighted scalar terms to sum and
     optimise (``loss_ce``, ``loss_bbox``, ``loss_giou`` for the last layer, plus ``loss_ce_i``, ``loss_bbox_i``,
-    ``loss_giou_i`` for auxiliary layer i when deep supervision is on); ``metrics`` holds detached,
+    ``loss_giou_i`` for auxiliary layer i when deep supervision is on, and ``loss_ce_enc``, ``loss_bbox_enc``,
+    ``loss_giou_enc`` for ``outputs["enc_outputs"]`` when present); ``metrics`` holds detached,
     logging-only values (``class_error``, ``cardinality_error``) of the last layer.
     """
 
@@ -151,6 +156,15 @@ class SetCriterion(nn.Module):
             if layer_id == 0:
                 metrics = self._metrics(layer_outputs, tgt_labels, flat_indices, sizes)
                 losses.update(self._last_layer_losses(layer_outputs, targets, flat_indices, num_boxes))
+        if "enc_outputs" in outputs:
+            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            enc_outputs = outputs["enc_outputs"]
+            (indices,) = self._match([enc_outputs], agnostic)
+            _, enc_class_weight_sum = self._normalizers(sizes, enc_outputs["pred_logits"].shape[1], device)
+            enc_losses = self._layer_losses(enc_outputs, torch.zeros_like(tgt_labels), tgt_boxes,
+                                            self._flatten_indices(indices, sizes, device), num_boxes,
+                                            enc_class_weight_sum)
+            losses.update({k + "_enc": v for k, v in enc_losses.items()})
         return losses, metrics
 
     def _last_layer_losses(
@@ -220,17 +234,10 @@ class SetCriterion(nn.Module):
         class_weight_sum: Tensor,
     ) -> Dict[str, Tensor]:
         """Weighted ``loss_ce``, ``loss_bbox`` and ``loss_giou`` of one layer, computed in float32."""
-        logits = outputs["pred_logits"].float()  # (B, Q, K+1)
         boxes = outputs["pred_boxes"].float()  # (B, Q, 4)
         batch_idx, query_idx, target_idx = flat_indices
-
-        target_classes = torch.full(
-            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
-        )  # (B, Q)
-        target_classes[batch_idx, query_idx] = tgt_labels[target_idx]
-        loss_ce = F.cross_entropy(
-            logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(dtype=logits.dtype), reduction="none"
-        ).sum() / class_weight_sum  # (B, Q) class-weighted terms -> their weighted mean over the step
+        loss_ce = self._class_loss(outputs["pred_logits"].float(), tgt_labels, flat_indices, num_boxes,
+                                   class_weight_sum)
 
         src_boxes = boxes[batch_idx, query_idx]  # (M, 4)
         matched_tgt_boxes = tgt_boxes[target_idx]  # (M, 4)
@@ -245,6 +252,19 @@ class SetCriterion(nn.Module):
             "loss_bbox": self.l1_weight * loss_bbox,
             "loss_giou": self.giou_weight * loss_giou,
         }
+
+    def _class_loss(self, logits: Tensor, tgt_labels: Tensor, flat_indices: Tuple[Tensor, Tensor, Tensor],
+                    num_boxes: Tensor, class_weight_sum: Tensor) -> Tensor:
+        """Unweighted () classification loss of one layer from its float32 logits (B, Q, K+1): the class-weighted
+        cross-entropy of all queries (unmatched ones labelled "no object"), divided by ``class_weight_sum``."""
+        batch_idx, query_idx, target_idx = flat_indices
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )  # (B, Q)
+        target_classes[batch_idx, query_idx] = tgt_labels[target_idx]
+        return F.cross_entropy(
+            logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(dtype=logits.dtype), reduction="none"
+        ).sum() / class_weight_sum  # (B, Q) class-weighted terms -> their weighted mean over the step
 
     @torch.no_grad()
     def _metrics(

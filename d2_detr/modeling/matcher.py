@@ -143,10 +143,14 @@ class HungarianMatcher(nn.Module):
         return solve_assignments(cost, sizes)
 
     def _cost(self, logits: Tensor, boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
-        """Float32 cost matrix (N, T) between N predictions (logits (N, K+1), boxes (N, 4)) and T targets."""
-        prob = logits.float().softmax(-1)  # (N, K+1)
+        """Float32 cost matrix (N, T) between N predictions (logits (N, C), boxes (N, 4)) and T targets."""
         boxes = boxes.float()  # (N, 4)
-        cost_class = -prob[:, tgt_labels]  # (N, T)
+        cost_class = self._class_cost(logits.float(), tgt_labels)  # (N, T)
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)  # (N, T)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))  # (N, T)
         return self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
+
+    def _class_cost(self, logits: Tensor, tgt_labels: Tensor) -> Tensor:
+        """Unweighted class cost (N, T) of N predictions' float32 logits (N, K+1) against T target labels:
+        minus the softmax probability of the target class."""
+        return -logits.softmax(-1)[:, tgt_labels]

@@ -38,6 +38,21 @@ def build_transformer(cfg):
     return DETR_TRANSFORMER_REGISTRY.get(cfg.MODEL.DETR.TRANSFORMER_NAME)(cfg)
 
 
+def transformer_size_args(cfg) -> dict:
+    """The constructor arguments every DETR-family transformer reads from ``MODEL.DETR``: width, heads, depths,
+    feed-forward width, dropout and the oneDNN option."""
+    detr = cfg.MODEL.DETR
+    return {
+        "d_model": detr.HIDDEN_DIM,
+        "nhead": detr.NHEADS,
+        "num_encoder_layers": detr.ENC_LAYERS,
+        "num_decoder_layers": detr.DEC_LAYERS,
+        "dim_feedforward": detr.DIM_FEEDFORWARD,
+        "dropout": detr.DROPOUT,
+        "onednn_linear": detr.ONEDNN_LINEAR,
+    }
+
+
 def build_matcher(cfg):
     return DETR_MATCHER_REGISTRY.get(cfg.MODEL.DETR.MATCHER_NAME)(cfg)
 

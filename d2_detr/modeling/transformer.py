@@ -15,12 +15,12 @@ import copy
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-from d2_detr.layers.linear import Linear, linear
-from d2_detr.modeling.registry import DETR_TRANSFORMER_REGISTRY
+from d2_detr.layers.attention import FusedMultiheadAttention, with_pos_embed
+from d2_detr.layers.linear import Linear
+from d2_detr.modeling.registry import DETR_TRANSFORMER_REGISTRY, transformer_size_args
 
 __all__ = [
     "DetrTransformer",
@@ -31,83 +31,6 @@ __all__ = [
     "TransformerDecoderLayer",
     "with_pos_embed",
 ]
-
-
-def with_pos_embed(x: Tensor, pos: Optional[Tensor]) -> Tensor:
-    """``x + pos``, or ``x`` when there is no positional encoding."""
-    return x if pos is None else x + pos
-
-
-class FusedMultiheadAttention(nn.Module):
-    """Multi-head attention computed by ``F.scaled_dot_product_attention``; returns no attention weights.
-
-    Parameters, their names, shapes and initialisation (and so the random-number consumption) are those of
-    ``nn.MultiheadAttention(embed_dim, num_heads, dropout)``: ``in_proj_weight`` (3d, d) and ``in_proj_bias``
-    (3d,) stack the query, key and value projections, ``out_proj`` is the output projection. State dicts of
-    either module load into the other, so the original DETR checkpoint's attention keys load unchanged.
-    Inputs are sequence-first, as ``nn.MultiheadAttention``'s default.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, onednn_linear: bool = True) -> None:
-        """
-        Args:
-            embed_dim: feature width d of queries, keys and values.
-            num_heads: attention heads (must divide ``embed_dim``).
-            dropout: dropout probability on the attention weights, in training mode only.
-            onednn_linear: projections through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`).
-        """
-        super().__init__()
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.dropout = dropout
-        self.onednn_linear = onednn_linear
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
-        self.out_proj = Linear(embed_dim, embed_dim, onednn=onednn_linear)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.in_proj_bias)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
-
-    def _split_heads(self, x: Tensor) -> Tensor:
-        """(N, B, d) -> (B, num_heads, N, head_dim), a view."""
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).permute(1, 2, 0, 3)
-
-    def forward(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None
-    ) -> Tensor:
-        """
-        Args:
-            query: (L, B, d). When ``query is key`` (self-attention with q = k), both are projected by one
-                matrix product.
-            key: (S, B, d).
-            value: (S, B, d).
-            key_padding_mask: (B, S) bool, True on keys to ignore; every query must keep at least one key.
-
-        Returns:
-            (L, B, d) attention output.
-        """
-        d, w, b, onednn = self.embed_dim, self.in_proj_weight, self.in_proj_bias, self.onednn_linear
-        if query is key:
-            q, k = linear(query, w[: 2 * d], b[: 2 * d], onednn).chunk(2, dim=-1)  # (L, B, d) each
-        else:
-            q = linear(query, w[:d], b[:d], onednn)  # (L, B, d)
-            k = linear(key, w[d : 2 * d], b[d : 2 * d], onednn)  # (S, B, d)
-        v = linear(value, w[2 * d :], b[2 * d :], onednn)  # (S, B, d)
-        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
-        out = F.scaled_dot_product_attention(
-            self._split_heads(q),
-            self._split_heads(k),
-            self._split_heads(v),
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, num_heads, L, head_dim)
-        return self.out_proj(out.permute(2, 0, 1, 3).flatten(2))  # (L, B, d)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -379,15 +302,9 @@ class DetrTransformer(nn.Module):
     def from_config(cls, cfg) -> dict:
         detr = cfg.MODEL.DETR
         return {
-            "d_model": detr.HIDDEN_DIM,
-            "nhead": detr.NHEADS,
-            "num_encoder_layers": detr.ENC_LAYERS,
-            "num_decoder_layers": detr.DEC_LAYERS,
-            "dim_feedforward": detr.DIM_FEEDFORWARD,
-            "dropout": detr.DROPOUT,
+            **transformer_size_args(cfg),
             "normalize_before": detr.PRE_NORM,
             "return_intermediate_dec": detr.DEEP_SUPERVISION,
-            "onednn_linear": detr.ONEDNN_LINEAR,
         }
 
     def _reset_parameters(self) -> None:
