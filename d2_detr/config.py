@@ -77,9 +77,11 @@ def add_detr_config(cfg: CN) -> None:
     detr.FOLD_FROZEN_BN = True
     # Feed the backbone channels-last (NHWC) images: faster convolutions on CPU and on tensor-core GPUs.
     detr.CHANNELS_LAST = True
-    # The transformer's matrix products through oneDNN on CPU (fp32, 256+ rows; forward and backward) instead
-    # of the BLAS library behind F.linear (MKL, ~2x slower on AMD CPUs); no effect on GPU.
-    detr.ONEDNN_LINEAR = True
+    # Opt-in: the transformer's matrix products through oneDNN on CPU (fp32, 256+ rows; forward and backward)
+    # instead of the BLAS library behind F.linear (MKL in official builds). Faster or slower depending on the CPU,
+    # thread count and load (benchmarks/README.md); no effect on GPU, under autocast, or while exporting. Uses a
+    # private torch entry point, checked once per process: where it is missing or wrong, F.linear is used.
+    detr.ONEDNN_LINEAR = False
     # Compile the transformer with torch.compile (the first iterations, and new input shapes, compile).
     detr.COMPILE_TRANSFORMER = False
     # torch.compile backend used with COMPILE_TRANSFORMER ("inductor", "aot_eager", ...).
@@ -146,3 +148,9 @@ def add_detr_config(cfg: CN) -> None:
     # With SOLVER.AMP.ENABLED: the autocast dtype. "float16" (with a gradient scaler), "bfloat16" (no scaler
     # needed), or "auto": float16 on CUDA, bfloat16 on CPU. Matching and losses always run in float32.
     cfg.SOLVER.AMP.DTYPE = "auto"
+
+    # ---- process ----
+    # tools/train_net.py on CPU (MODEL.DEVICE cpu) under glibc: keep freed memory in the process (glibc mallopt:
+    # no mmap for large blocks, trim above 2 GB) so a step reuses its buffers instead of faulting them in again;
+    # the process then holds its peak memory. Process-wide; no effect on GPU runs or off glibc. False: malloc as is.
+    cfg.KEEP_FREED_MEMORY = True

@@ -18,7 +18,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_detr_config
-from .allocator import keep_freed_memory
+from .allocator import setup_malloc
 from .launch import launch
 from .trainer import DetrTrainer
 
@@ -48,7 +48,7 @@ def setup(args) -> CfgNode:
 def main(args):
     """Train (then evaluate), or with ``--eval-only`` evaluate ``MODEL.WEIGHTS``. Runs in every process."""
     cfg = setup(args)
-    keep_freed_memory()
+    setup_malloc(cfg)
     if args.eval_only:
         model = DetrTrainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

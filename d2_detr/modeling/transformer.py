@@ -48,7 +48,7 @@ class FusedMultiheadAttention(nn.Module):
     Inputs are sequence-first, as ``nn.MultiheadAttention``'s default.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, onednn_linear: bool = True) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, onednn_linear: bool = False) -> None:
         """
         Args:
             embed_dim: feature width d of queries, keys and values.
@@ -120,7 +120,7 @@ class TransformerEncoderLayer(nn.Module):
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
         normalize_before: bool = False,
-        onednn_linear: bool = True,
+        onednn_linear: bool = False,
     ) -> None:
         """
         Args:
@@ -183,7 +183,7 @@ class TransformerDecoderLayer(nn.Module):
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
         normalize_before: bool = False,
-        onednn_linear: bool = True,
+        onednn_linear: bool = False,
     ) -> None:
         """Arguments as in :class:`TransformerEncoderLayer`."""
         super().__init__()
@@ -342,7 +342,7 @@ class DetrTransformer(nn.Module):
         dropout: float = 0.1,
         normalize_before: bool = False,
         return_intermediate_dec: bool = False,
-        onednn_linear: bool = True,
+        onednn_linear: bool = False,
     ) -> None:
         """
         Args:
