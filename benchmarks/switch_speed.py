@@ -147,8 +147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     "setup", config=args.config_file, opts=overrides[setting.name], device="cpu",
                     threads=args.threads, weights_in=weights if setting.name == "b" else None,
                     weights_out=weights if setting.name == "a" else None)
-                if info[setting.name]["ignored_opts"]:
-                    raise SystemExit(f"setting {setting.name}: unknown config keys {info[setting.name]['ignored_opts']}")
+                unknown = info[setting.name]["ignored_opts"]
+                if unknown:
+                    raise SystemExit(f"setting {setting.name}: unknown config keys {unknown}")
         results: Dict[str, Dict[str, List[float]]] = {}
         for batch in args.infer_batches:
             if args.mixed_sizes:

@@ -117,8 +117,9 @@ def _raise(*args):
     ("wrong", "gives a different output than F.linear"),
     ("no_onednn", "has no oneDNN"),
 ])
-def test_falls_back_to_f_linear_when_the_private_op_is_missing_or_wrong(fresh_check, monkeypatch, caplog,
-                                                                        breakage, reason):
+def test_falls_back_to_f_linear_when_the_private_op_is_missing_or_wrong(
+    fresh_check, monkeypatch, caplog, breakage, reason
+):
     if breakage == "missing":
         monkeypatch.delattr(torch._C._nn, "mkldnn_linear")
     elif breakage == "raises":

@@ -94,6 +94,7 @@ class Detr(nn.Module):
         freeze_detector: bool = False,
         fold_frozen_bn: bool = True,
         channels_last: bool = True,
+        test_backbone_per_image: bool = True,
         compile_transformer: bool = False,
         compile_backend: str = "inductor",
     ):
@@ -117,6 +118,9 @@ class Detr(nn.Module):
                 (:func:`fold_frozen_batchnorm`): same outputs up to float rounding, less work.
             channels_last: feed the backbone channels-last (NHWC) images: same outputs up to float rounding,
                 faster convolutions on CPU (oneDNN) and on tensor-core GPUs.
+            test_backbone_per_image: at inference, run the backbone image by image when a batch holds images of
+                different sizes (see :meth:`backbone_features`), so that detections do not depend on which images
+                share a batch; False runs the padded batch at once, as the original implementation does.
             compile_transformer: compile the transformer in place with ``torch.compile`` (parameter names are
                 unchanged); the first calls, and calls with new input shapes, pay the compilation.
             compile_backend: ``torch.compile`` backend used with ``compile_transformer``.
@@ -134,6 +138,7 @@ class Detr(nn.Module):
         self.num_classes = num_classes
         self.test_topk = test_topk
         self.channels_last = channels_last
+        self.test_backbone_per_image = test_backbone_per_image
         if fold_frozen_bn:
             logger.info(f"Folded {fold_frozen_batchnorm(backbone)} frozen BatchNorms into their convolutions")
         if compile_transformer:
@@ -179,6 +184,7 @@ class Detr(nn.Module):
             "freeze_detector": cfg.MODEL.DETR.FREEZE_DETECTOR,
             "fold_frozen_bn": cfg.MODEL.DETR.FOLD_FROZEN_BN,
             "channels_last": cfg.MODEL.DETR.CHANNELS_LAST,
+            "test_backbone_per_image": cfg.MODEL.DETR.TEST_BACKBONE_PER_IMAGE,
             "compile_transformer": cfg.MODEL.DETR.COMPILE_TRANSFORMER,
             "compile_backend": cfg.MODEL.DETR.COMPILE_BACKEND,
         }
@@ -257,14 +263,16 @@ class Detr(nn.Module):
         """Backbone features of the batch, name -> (B, C_f, H_f, W_f).
 
         In training the padded batch goes through the backbone at once (BatchNorm statistics need the batch).
-        At inference, images of different sizes go through it one by one and their features are zero-padded
-        to the batch's feature size: otherwise convolutions near an image's bottom/right border read the
-        batch's padding, and a detection would depend on which images share its batch.
+        At inference with ``test_backbone_per_image``, images of different sizes go through it one by one and
+        their features are zero-padded to the batch's feature size: otherwise convolutions near an image's
+        bottom/right border read the batch's padding, and a detection would depend on which images share its
+        batch. That gives up batching the backbone for mixed-size batches (benchmarks/README.md measures it);
+        without it the padded batch goes through at once, as in the original implementation.
         """
         pixels = images.tensor  # (B, 3, H_pad, W_pad)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        if self.training or len(set(images.image_sizes)) == 1:
+        if self.training or not self.test_backbone_per_image or len(set(images.image_sizes)) == 1:
             return self.backbone(pixels)
         per_image = [self.backbone(pixels[i : i + 1, :, :h, :w]) for i, (h, w) in enumerate(images.image_sizes)]
         batched = {}
