@@ -8,8 +8,9 @@ with ``git archive`` into a temporary folder: the repository and its working tre
 Both versions run with the same weights (the current version's random initialisation, its frozen BatchNorms
 calibrated on a random image so that activations have a trained network's scale and folding them is exercised;
 saved, then loaded into the reference) and the same inputs; the script reports how far their outputs differ.
-Each worker applies its version's process set-up as ``tools/train_net.py`` does (``keep_freed_memory`` of
-``d2_detr.engine.allocator``, where the version has it; ``D2_DETR_KEEP_FREED_MEMORY=0`` measures without it).
+Each worker applies its version's process set-up as ``tools/train_net.py`` does (glibc malloc keeping freed
+memory, ``d2_detr.engine.allocator``, where the version has it; the override ``KEEP_FREED_MEMORY False`` measures
+without it).
 
 Examples::
 
@@ -94,12 +95,6 @@ class Worker:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        try:  # the process set-up tools/train_net.py applies, in versions that have it
-            from d2_detr.engine.allocator import keep_freed_memory
-        except ImportError:
-            freed_memory_kept = False
-        else:
-            freed_memory_kept = keep_freed_memory()
         self.device = device
         cfg = get_cfg()
         add_detr_config(cfg)
@@ -117,6 +112,7 @@ class Worker:
             applied.append(key)
         cfg.MODEL.WEIGHTS = ""
         cfg.MODEL.DEVICE = device
+        freed_memory_kept = self._process_setup(cfg)
         torch.manual_seed(0)
         model = build_model(cfg)
         if weights_in:
@@ -138,6 +134,20 @@ class Worker:
             "ignored_opts": ignored,
             "freed_memory_kept": freed_memory_kept,
         }
+
+    @staticmethod
+    def _process_setup(cfg) -> bool:
+        """The process set-up tools/train_net.py applies (glibc malloc keeping freed memory), as this version
+        does it; returns whether freed memory is kept."""
+        try:
+            from d2_detr.engine.allocator import setup_malloc
+        except ImportError:  # older versions: unconditional, or absent
+            try:
+                from d2_detr.engine.allocator import keep_freed_memory
+            except ImportError:
+                return False
+            return keep_freed_memory()
+        return setup_malloc(cfg)
 
     @staticmethod
     def _calibrated_state(cfg) -> Dict[str, Any]:

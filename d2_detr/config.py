@@ -69,6 +69,11 @@ def add_detr_config(cfg: CN) -> None:
     detr.L1_WEIGHT = 5.0
     # Weight of the generalised-IoU box loss.
     detr.GIOU_WEIGHT = 2.0
+    # With several processes: divide loss_ce by the class weights (1 per matched query, NO_OBJECT_WEIGHT per other
+    # query) of the whole step averaged over processes, like the box losses' target count, so that the gradient
+    # does not depend on how the batch is split (True); or by each process's own, as the original implementation
+    # (False: F.cross_entropy's weighted mean over the local batch). The same in one process.
+    detr.LOSS_CE_NORM_ACROSS_PROCESSES = True
 
     # ---- Hungarian matcher (costs are independent of the loss weights) ----
     # Registered name of the matcher (d2_detr.modeling.matcher.DETR_MATCHER_REGISTRY).
@@ -89,15 +94,22 @@ def add_detr_config(cfg: CN) -> None:
     # 0: the paper's rule (every query returned, score = best non-"no object" probability);
     # k > 0: keep the k best (query, class) pairs of each image instead (Deformable DETR: 100, by sigmoid score).
     detr.TEST_TOPK = 0
+    # Batches of images of different sizes (TEST.IMS_PER_BATCH > 1): the backbone runs image by image, so that
+    # no image's features see another's padding and detections do not depend on the batch (True); or on the
+    # padded batch at once, as the original implementation (False: faster where batching pays, e.g. on GPUs;
+    # detections near an image's bottom/right border then change slightly with the batch's padding).
+    detr.TEST_BACKBONE_PER_IMAGE = True
 
     # ---- speed (none of these changes the outputs beyond float rounding) ----
     # Fold the backbone's frozen BatchNorms into the preceding convolutions' weights at every call.
     detr.FOLD_FROZEN_BN = True
     # Feed the backbone channels-last (NHWC) images: faster convolutions on CPU and on tensor-core GPUs.
     detr.CHANNELS_LAST = True
-    # The transformer's matrix products through oneDNN on CPU (fp32, 256+ rows; forward and backward) instead
-    # of the BLAS library behind F.linear (MKL, ~2x slower on AMD CPUs); no effect on GPU.
-    detr.ONEDNN_LINEAR = True
+    # Opt-in: the transformer's matrix products through oneDNN on CPU (fp32, 256+ rows; forward and backward)
+    # instead of the BLAS library behind F.linear (MKL in official builds). Faster or slower depending on the CPU,
+    # thread count and load (benchmarks/README.md); no effect on GPU, under autocast, or while exporting. Uses a
+    # private torch entry point, checked once per process: where it is missing or wrong, F.linear is used.
+    detr.ONEDNN_LINEAR = False
     # Compile the transformer with torch.compile (the first iterations, and new input shapes, compile).
     detr.COMPILE_TRANSFORMER = False
     # torch.compile backend used with COMPILE_TRANSFORMER ("inductor", "aot_eager", ...).
@@ -124,6 +136,10 @@ def add_detr_config(cfg: CN) -> None:
     detr.MASK_WEIGHT = 1.0
     # Weight of the DICE loss on matched masks (loss_dice).
     detr.DICE_WEIGHT = 1.0
+    # Leave each image's padding out of loss_mask and loss_dice, predictions upsampled by exactly their stride, so
+    # that the losses do not depend on the batch's other images (True); or, as the original implementation
+    # (False), resize predictions to the batch's largest target size and average over the padding too.
+    detr.MASK_LOSS_IGNORE_PADDING = True
     # Inference also returns "panoptic_seg" (needs MODEL.MASK_ON; stuff classes are predicted as objects;
     # which classes are stuff comes from the metadata of the first dataset in DATASETS.TRAIN, else TEST).
     detr.PANOPTIC_ON = False
@@ -148,7 +164,12 @@ def add_detr_config(cfg: CN) -> None:
     # With INPUT.CROP.ENABLED: shortest-edge sizes (one picked at random) the image is resized to before
     # the random crop; after the crop it is resized again to one of INPUT.MIN_SIZE_TRAIN.
     cfg.INPUT.CROP.MIN_SIZE_BEFORE_CROP = (400, 500, 600)
-    # Images per batch at inference (Detectron2 v0.6 always uses 1); AP does not depend on it.
+    # Panoptic training data: drop segments marked iscrowd (True), as crowd annotations are dropped for detection:
+    # the panoptic evaluation ignores crowd regions, and a crowd mask teaches a query to cover a group with one
+    # segment. False trains on them as on any segment, as the original implementation does.
+    cfg.INPUT.PANOPTIC_DROP_CROWD = True
+    # Images per batch at inference (Detectron2 v0.6 always uses 1); AP does not depend on it with
+    # MODEL.DETR.TEST_BACKBONE_PER_IMAGE (the default).
     cfg.TEST.IMS_PER_BATCH = 1
     # Evaluation and inference (--eval-only, tools/demo.py, tools/export_model.py) refuse MODEL.WEIGHTS unless
     # it holds every parameter and buffer of the model with its shape and nothing else, and refuse an empty
@@ -184,6 +205,11 @@ def add_detr_config(cfg: CN) -> None:
     # needed), or "auto": float16 on CUDA, bfloat16 on CPU. Matching and losses always run in float32.
     cfg.SOLVER.AMP.DTYPE = "auto"
 
+    # ---- process ----
+    # tools/train_net.py on CPU (MODEL.DEVICE cpu) under glibc: keep freed memory in the process (glibc mallopt:
+    # no mmap for large blocks, trim above 2 GB) so a step reuses its buffers instead of faulting them in again;
+    # the process then holds its peak memory. Process-wide; no effect on GPU runs or off glibc. False: malloc as is.
+    cfg.KEEP_FREED_MEMORY = True
 
 def _add_deformable_detr_config(cfg: CN) -> None:
     """Keys of the models built on multi-scale deformable attention (``DeformableDetr``; DINO reads them too).

@@ -214,3 +214,66 @@ def test_built_from_config():
 def test_class_weights_are_not_checkpointed():
     """empty_weight follows MODEL.DETR.NO_OBJECT_WEIGHT; a checkpoint must not override the config's value."""
     assert "empty_weight" not in _criterion(eos_coef=0.3).state_dict()
+
+
+def _criterion_from(source: str, across_processes: bool, matches) -> SetCriterion:
+    """A criterion with eos_coef 0.1 and the given matches, built from plain arguments or from the config."""
+    if source == "arguments":
+        return _criterion(eos_coef=0.1, matcher=FixedMatcher(matches),
+                          loss_ce_norm_across_processes=across_processes)
+    cfg = get_cfg()
+    add_detr_config(cfg)
+    cfg.MODEL.DETR.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
+    cfg.MODEL.DETR.LOSS_CE_NORM_ACROSS_PROCESSES = across_processes
+    criterion = build_criterion(cfg)
+    criterion.matcher = FixedMatcher(matches)
+    return criterion
+
+
+def _adds(other):
+    """A stand-in for ``dist.all_reduce`` that adds the other process's values."""
+
+    def all_reduce(tensor, *args, **kwargs):
+        return tensor.add_(torch.tensor(other))
+
+    return all_reduce
+
+
+@pytest.mark.parametrize("source", ["arguments", "config"])
+def test_loss_ce_normalisation_across_processes_or_per_process(monkeypatch, source):
+    """Two simulated processes, one image each: image 0 with one target (class weights 1 + 0.1 + 0.1 = 1.2),
+    image 1 with none (0.3). Across processes (default) both divide by the average 0.75, so the processes'
+    mean loss (what DistributedDataParallel's averaged gradient follows) is the one-process loss of both
+    images; per process (the original), each divides by its own weights: F.cross_entropy of its image."""
+    logits = torch.tensor(LOGITS)
+    labels = torch.tensor([[1, 2, 2], [2, 2, 2]])  # image 1 has no target: every query is "no object"
+    weight = torch.tensor([1.0, 1.0, 0.1])
+    one_process = F.cross_entropy(logits.transpose(1, 2), labels, weight=weight)
+    processes = [  # (image, matches, targets, the other process's (target count, class weight sum))
+        (0, [([0], [0])], [([1], [[0.55, 0.5, 0.2, 0.2]])], [0.0, 0.3]),
+        (1, [([], [])], [([], [])], [1.0, 1.2]),
+    ]
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for across in (True, False):
+        per_process = []
+        for image, matches, targets, other in processes:
+            monkeypatch.setattr(torch.distributed, "all_reduce", _adds(other))
+            criterion = _criterion_from(source, across, matches)
+            assert criterion.loss_ce_norm_across_processes is across
+            losses, _ = criterion(_outputs(logits=[LOGITS[image]], boxes=[BOXES[image]]), _targets(targets))
+            per_process.append(losses["loss_ce"])
+            own = F.cross_entropy(logits[image].T[None], labels[image][None], weight=weight)
+            if not across:
+                torch.testing.assert_close(losses["loss_ce"], own)  # the original's weighted mean, locally
+                if image == 0:  # accumulating image 1 as this process's second micro-batch: its weights count
+                    with criterion.normalize_over([1, 0]):
+                        accumulated, _ = criterion(_outputs(logits=[LOGITS[0]], boxes=[BOXES[0]]), _targets(targets))
+                    torch.testing.assert_close(accumulated["loss_ce"], own * 1.2 / 1.5)
+        mean = (per_process[0] + per_process[1]) / 2
+        if across:
+            torch.testing.assert_close(mean, one_process)
+        else:
+            assert abs(mean.item() - one_process.item()) > 0.1

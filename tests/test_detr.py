@@ -284,3 +284,52 @@ def test_resnet_detections_do_not_depend_on_batch_neighbours():
     model = build_model(load_config(TINY_CONFIG, "MODEL.RESNETS.NORM", "BN")).eval()
     shift_batchnorm_statistics(model.backbone)
     assert_same_alone_and_batched(model, _image(72, 100, 8), _image(130, 90, 9), atol=1e-4)
+
+
+def _bn_shifted_model(per_image: bool, source: str):
+    """The tiny ResNet DETR with trained-like BatchNorm shifts, TEST_BACKBONE_PER_IMAGE set from the config or
+    as a plain argument."""
+    from d2_detr.modeling.detr import Detr
+
+    torch.manual_seed(0)
+    if source == "config":
+        cfg = load_config(TINY_CONFIG, "MODEL.RESNETS.NORM", "BN", "MODEL.DETR.TEST_BACKBONE_PER_IMAGE", per_image)
+        model = build_model(cfg)
+    else:
+        kwargs = Detr.from_config(load_config(TINY_CONFIG, "MODEL.RESNETS.NORM", "BN"))
+        model = Detr(**dict(kwargs, test_backbone_per_image=per_image))
+    shift_batchnorm_statistics(model.backbone)
+    return model.eval()
+
+
+@pytest.mark.parametrize("source", ["config", "arguments"])
+def test_test_backbone_per_image_switch(source):
+    """True (default): a mixed-size batch goes through the backbone image by image, and an image's outputs are
+    those it has alone. False: the padded batch goes through at once, as in the original implementation."""
+    small, large = _image(72, 100, 8), _image(130, 90, 9)
+    results = {}
+    for per_image in (True, False):
+        model = _bn_shifted_model(per_image, source)
+        assert model.test_backbone_per_image is per_image
+        calls = []
+        model.backbone.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+        with torch.no_grad():
+            alone = model.predict(model.preprocess_image([{"image": small}]))
+            calls.clear()
+            images = model.preprocess_image([{"image": small}, {"image": large}])
+            batched = model.predict(images)
+            batch_calls = list(calls)
+            features = model.backbone(images.tensor)  # the original: the padded batch at once
+            mask = feature_padding_mask(images.image_sizes, features[model.in_feature].shape[-2:],
+                                        model.feature_stride, images.tensor.device)
+            original = model.predict_from_features(features, mask, True)
+        results[per_image] = (alone, batched, batch_calls, original)
+    alone, batched, calls, _ = results[True]
+    assert calls == [(1, 3, 72, 100), (1, 3, 130, 90)]
+    torch.testing.assert_close(batched["pred_logits"][0], alone["pred_logits"][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batched["pred_boxes"][0], alone["pred_boxes"][0], atol=1e-4, rtol=0)
+    alone, batched, calls, original = results[False]
+    assert calls == [(2, 3, 130, 100)]
+    torch.testing.assert_close(batched["pred_logits"], original["pred_logits"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(batched["pred_boxes"], original["pred_boxes"], atol=1e-6, rtol=0)
+    assert (batched["pred_logits"][0] - alone["pred_logits"][0]).abs().max() > 1e-3  # the padding is seen

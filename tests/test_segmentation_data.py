@@ -99,6 +99,31 @@ def test_mapper_turns_panoptic_segments_into_objects(panoptic_name):
     assert np.array_equal(flipped.gt_masks.tensor.numpy(), np.stack(expected))
 
 
+@pytest.mark.parametrize("source", ["arguments", "config"])
+def test_crowd_panoptic_segments_dropped_by_default_or_kept_as_the_original(panoptic_name, source):
+    dataset_dict = next(d for d in DatasetCatalog.get(panoptic_name) if len(d["segments_info"]) > 2)
+    crowd = dict(dataset_dict, segments_info=[dict(s, iscrowd=int(i == 0))
+                                              for i, s in enumerate(dataset_dict["segments_info"])])
+    ids = rgb_to_id(np.asarray(Image.open(dataset_dict["pan_seg_file_name"])))
+    image_shape = ids.shape
+    classes = {}
+    for drop in (True, False):
+        if source == "arguments":
+            instances = panoptic_annotations_to_instances(dict(crowd), T.TransformList([]), image_shape, drop)
+        else:
+            cfg = load_config(PANOPTIC_CONFIG, "DATASETS.TRAIN", (panoptic_name,), "INPUT.PANOPTIC_DROP_CROWD", drop)
+            mapper = DetrDatasetMapper(cfg, is_train=True)
+            assert mapper.panoptic_drop_crowd is drop
+            mapper.augmentations, mapper.crop_augmentations = T.AugmentationList([]), None  # image as is
+            instances = mapper(crowd)["instances"]
+        kept = crowd["segments_info"][1:] if drop else crowd["segments_info"]
+        classes[drop] = instances.gt_classes.tolist()
+        assert classes[drop] == [s["category_id"] for s in kept]
+        assert np.array_equal(instances.gt_masks.tensor.numpy(), np.stack([ids == s["id"] for s in kept]))
+    assert len(classes[False]) == len(classes[True]) + 1
+    assert load_config(PANOPTIC_CONFIG).INPUT.PANOPTIC_DROP_CROWD  # the default drops them
+
+
 def _polygon_dict(tmp_path):
     path = str(tmp_path / "image.png")
     Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(path)

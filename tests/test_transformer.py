@@ -235,9 +235,10 @@ def test_build_from_config():
     assert model.decoder.return_intermediate and len(model.decoder.layers) == 2
     assert model.decoder.layers[0].linear1.out_features == 64
     assert model.decoder.layers[0].self_attn.num_heads == 4
-    assert model.decoder.layers[0].linear1.onednn and model.encoder.layers[0].self_attn.onednn_linear
-    cfg.MODEL.DETR.ONEDNN_LINEAR = False
-    assert not build_transformer(cfg).encoder.layers[0].linear2.onednn
+    assert not model.decoder.layers[0].linear1.onednn and not model.encoder.layers[0].self_attn.onednn_linear
+    cfg.MODEL.DETR.ONEDNN_LINEAR = True  # opt-in
+    opted_in = build_transformer(cfg)
+    assert opted_in.encoder.layers[0].linear2.onednn and opted_in.decoder.layers[1].multihead_attn.onednn_linear
     cfg.MODEL.DETR.NHEADS = 5
     with pytest.raises(ValueError, match="divisible"):
         build_transformer(cfg)

@@ -44,10 +44,10 @@ def build_detr_augmentation(cfg, is_train: bool):
 class DetrDatasetMapper:
     """Reads the image, applies DETR's augmentation, and builds ``Instances`` of the annotations.
 
-    Crowd annotations are dropped; masks are kept only when ``mask_on`` (polygons are rasterised before
-    augmentation when ``mask_format`` is "bitmask"). Boxes that end up empty (zero width or height, or
-    cropped away) are removed. Grayscale and RGBA images are converted to
-    ``image_format`` by Detectron2's ``read_image``; a missing or undecodable image raises
+    Crowd annotations are dropped (crowd panoptic segments unless ``panoptic_drop_crowd`` is False); masks are
+    kept only when ``mask_on`` (polygons are rasterised before augmentation when ``mask_format`` is "bitmask").
+    Boxes that end up empty (zero width or height, or cropped away) are removed. Grayscale and RGBA images are
+    converted to ``image_format`` by Detectron2's ``read_image``; a missing or undecodable image raises
     :class:`~d2_detr.data.images.ImageReadError` naming the file.
     """
 
@@ -62,6 +62,7 @@ class DetrDatasetMapper:
         image_format: str = "RGB",
         mask_on: bool = False,
         mask_format: str = "polygon",
+        panoptic_drop_crowd: bool = True,
     ):
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -70,6 +71,7 @@ class DetrDatasetMapper:
         self.image_format = image_format
         self.mask_on = mask_on
         self.mask_format = mask_format
+        self.panoptic_drop_crowd = panoptic_drop_crowd
         check_polygon_cropping(mask_on and is_train, mask_format, crop_augmentations is not None)
         mode = "training" if is_train else "inference"
         logger.info(f"DETR augmentation for {mode}: {augmentations}; crop branch: {crop_augmentations}")
@@ -85,6 +87,7 @@ class DetrDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "mask_on": cfg.MODEL.MASK_ON,
             "mask_format": cfg.INPUT.MASK_FORMAT,
+            "panoptic_drop_crowd": cfg.INPUT.PANOPTIC_DROP_CROWD,
         }
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -112,7 +115,7 @@ class DetrDatasetMapper:
         transformed like the image (now of size ``image_shape``), as Instances without empty ones; for a
         panoptic dataset dict, its segments (d2_detr.data.panoptic)."""
         if "pan_seg_file_name" in dataset_dict:
-            return panoptic_annotations_to_instances(dataset_dict, transforms, image_shape)
+            return panoptic_annotations_to_instances(dataset_dict, transforms, image_shape, self.panoptic_drop_crowd)
         original_shape = (dataset_dict["height"], dataset_dict["width"])  # set by check_image_size
         annos = [
             utils.transform_instance_annotations(self._strip(obj, original_shape), transforms, image_shape)

@@ -6,8 +6,11 @@ one object per stuff segment (in both training stages: the detector learns the s
 Detectron2's panoptic dataset dicts (``pan_seg_file_name`` + ``segments_info``, as ``register_coco_panoptic``
 loads them): the panoptic PNG gets the image's augmentation (nearest-neighbour, so segment ids survive), and
 the ``Instances`` hold ``gt_classes`` (the segments' contiguous category ids), ``gt_masks`` (``BitMasks``) and
-``gt_boxes`` (the tight boxes of the masks after augmentation). Crowd segments are dropped, like crowd
-annotations of the detection mapper, and so are segments cropped away.
+``gt_boxes`` (the tight boxes of the masks after augmentation). Segments cropped away are dropped, and by
+default so are crowd segments (``iscrowd``), like crowd annotations of the detection mapper: the panoptic
+evaluation ignores crowd regions, and a crowd mask would teach a query to cover a whole group with one segment.
+The original implementation trains on crowd segments as on any other (``drop_crowd=False``,
+``INPUT.PANOPTIC_DROP_CROWD False``).
 """
 from typing import Dict, Tuple
 
@@ -28,7 +31,7 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
 
 
 def panoptic_annotations_to_instances(
-    dataset_dict: Dict, transforms: T.TransformList, image_shape: Tuple[int, int]
+    dataset_dict: Dict, transforms: T.TransformList, image_shape: Tuple[int, int], drop_crowd: bool = True
 ) -> Instances:
     """Ground truth of a training image from its panoptic segments.
 
@@ -37,6 +40,7 @@ def panoptic_annotations_to_instances(
             ``category_id``s) are popped from it.
         transforms: the augmentation applied to the image.
         image_shape: (H, W) of the augmented image.
+        drop_crowd: leave out segments with ``iscrowd`` set (False: keep them as ordinary segments, the original).
 
     Returns:
         Instances with gt_classes (n,), gt_masks (BitMasks (n, H, W)) and gt_boxes (the masks' tight XYXY boxes).
@@ -48,7 +52,7 @@ def panoptic_annotations_to_instances(
                          f"({dataset_dict.get('height')}, {dataset_dict.get('width')}): {dataset_dict['file_name']}")
     classes, masks = [], []
     for segment in dataset_dict.pop("segments_info", []):
-        if segment.get("iscrowd", 0):
+        if drop_crowd and segment.get("iscrowd", 0):
             continue
         mask = segment_ids == segment["id"]  # (H, W)
         if mask.any():

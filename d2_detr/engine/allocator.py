@@ -1,42 +1,44 @@
-"""Keep freed memory in the process: glibc's malloc tuned for training's large, repeated allocations.
+"""Keep freed memory in the process: glibc's malloc tuned for CPU training's large, repeated allocations.
 
-A training step allocates and frees the same large activation and gradient buffers every iteration. glibc
-serves allocations above its mmap threshold (at most 32 MB) with fresh ``mmap`` calls and unmaps them when
-freed, so every step faults each buffer's pages in again: on 2 CPU cores, DETR R-50 at 800x1066 (batch 2)
-took 0.7-1.1M page faults and 0.5-0.9 s of system time a step. With mmap off for the heap (``M_MMAP_MAX`` 0)
-and trimming only above 2 GB of free heap (``M_TRIM_THRESHOLD``), freed buffers stay mapped and are reused:
-0.1-0.2M faults, and the step went from 3.45 to 3.07 s. The process keeps its peak memory (which it reaches
-every step anyway) instead of handing it back between steps.
+A training step on CPU allocates and frees the same large activation and gradient buffers every iteration.
+glibc serves allocations above its mmap threshold (at most 32 MB) with fresh ``mmap`` calls and unmaps them
+when freed, so every step faults each buffer's pages in again (system time). With mmap off for the heap
+(``M_MMAP_MAX`` 0) and trimming only above 2 GB of free heap (``M_TRIM_THRESHOLD``), freed buffers stay mapped
+and are reused. The process keeps its peak memory (which it reaches every step anyway) instead of handing it
+back between steps; benchmarks/README.md has measurements.
 
-This is process-wide and only affects glibc (Linux); set ``D2_DETR_KEEP_FREED_MEMORY=0`` to leave malloc as
-it is (or preload another allocator such as jemalloc or tcmalloc, which avoid the faults as well).
+This changes malloc for the whole process, so it is applied only where it was measured to help:
+``tools/train_net.py`` calls :func:`setup_malloc`, which applies it when ``KEEP_FREED_MEMORY`` is on and the
+model runs on CPU (``MODEL.DEVICE``), and only under glibc (Linux; musl and other C libraries are left alone).
+``KEEP_FREED_MEMORY False`` turns it off; preloading another allocator (jemalloc, tcmalloc) avoids the faults
+as well.
 """
 import ctypes
 import ctypes.util
 import logging
-import os
 import sys
 
-__all__ = ["keep_freed_memory", "ENV_SWITCH"]
+import torch
+from detectron2.config import CfgNode
+
+__all__ = ["keep_freed_memory", "setup_malloc"]
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable that turns :func:`keep_freed_memory` off when set to "0".
-ENV_SWITCH = "D2_DETR_KEEP_FREED_MEMORY"
-
 # mallopt parameters (glibc's malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int: trim only when over 2 GB of the heap's top is free
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int: trim only when over 2 GB of the heap's top is free
 
 
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc in this process so freed large buffers are reused, not unmapped and faulted in again.
 
-    Returns whether the settings were applied: False with ``D2_DETR_KEEP_FREED_MEMORY=0``, off Linux, or when
-    the C library is not glibc (no ``mallopt``, or ``mallopt`` refused a setting).
+    Calls ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``. Returns whether both were
+    applied: False, with nothing called, off Linux or when the C library is not glibc; False when ``mallopt``
+    refused a setting.
     """
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -46,8 +48,17 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     gnu_get_libc_version.restype = ctypes.c_char_p
-    applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+    applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     if applied:
         logger.info(f"glibc {gnu_get_libc_version().decode()} malloc: freed memory is kept for reuse "
-                    f"(no mmap for large blocks, trim above 2 GB); {ENV_SWITCH}=0 turns this off")
+                    "(no mmap for large blocks, trim above 2 GB); KEEP_FREED_MEMORY False turns this off")
     return applied
+
+
+def setup_malloc(cfg: CfgNode) -> bool:
+    """:func:`keep_freed_memory` when ``cfg.KEEP_FREED_MEMORY`` is on and ``cfg.MODEL.DEVICE`` is a CPU; returns
+    whether it was applied. On GPU runs (where the activations live in CUDA's own caching allocator) and with the
+    switch off, malloc is left as it is."""
+    if not cfg.KEEP_FREED_MEMORY or torch.device(cfg.MODEL.DEVICE).type != "cpu":
+        return False
+    return keep_freed_memory()

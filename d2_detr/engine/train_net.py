@@ -21,7 +21,7 @@ from torch import nn
 
 from ..checkpoint.loading import CheckpointError, load_inference_weights
 from ..config import ConfigError, load_config as load_config_file
-from .allocator import keep_freed_memory
+from .allocator import setup_malloc
 from .checkpointer import RESUME_SOURCE, AtomicDetectionCheckpointer, checkpoint_files
 from .launch import launch
 from .trainer import DetrTrainer
@@ -92,7 +92,7 @@ def main(args):
     """Train (then evaluate), or with ``--eval-only`` evaluate ``MODEL.WEIGHTS`` (strictly: see
     ``TEST.STRICT_WEIGHTS``). Runs in every process."""
     cfg = setup(args)
-    keep_freed_memory()
+    setup_malloc(cfg)
     if args.eval_only:
         model = DetrTrainer.build_model(cfg)
         _load_evaluation_weights(cfg, model, args.resume)

@@ -29,7 +29,7 @@ class FusedMultiheadAttention(nn.Module):
     Inputs are sequence-first, as ``nn.MultiheadAttention``'s default.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, onednn_linear: bool = True) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, onednn_linear: bool = False) -> None:
         """
         Args:
             embed_dim: feature width d of queries, keys and values.

@@ -237,7 +237,7 @@ class MultiScaleDeformableAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
-                 onednn_linear: bool = True):
+                 onednn_linear: bool = False):
         """
         Args:
             embed_dim: channels of queries, values and output; divisible by ``num_heads``.

@@ -67,7 +67,7 @@ class DeformableEncoderLayer(nn.Module):
     feed-forward block; each with a residual, dropout and a LayerNorm after it (post-norm)."""
 
     def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 1024, dropout: float = 0.1,
-                 num_levels: int = 4, num_points: int = 4, onednn_linear: bool = True) -> None:
+                 num_levels: int = 4, num_points: int = 4, onednn_linear: bool = False) -> None:
         """
         Args:
             d_model: feature width d.
@@ -136,7 +136,7 @@ class DeformableDecoderLayer(nn.Module):
     each with a residual, dropout and a LayerNorm after it (post-norm)."""
 
     def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 1024, dropout: float = 0.1,
-                 num_levels: int = 4, num_points: int = 4, onednn_linear: bool = True) -> None:
+                 num_levels: int = 4, num_points: int = 4, onednn_linear: bool = False) -> None:
         """Arguments as in :class:`DeformableEncoderLayer`; ``dropout`` also applies to the attention weights of
         the self-attention."""
         super().__init__()

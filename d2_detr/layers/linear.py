@@ -1,18 +1,27 @@
-"""A linear layer's product through oneDNN on CPU.
+"""A linear layer's product through oneDNN on CPU, opt-in, where this torch provides it.
 
-PyTorch sends fp32 ``F.linear`` on CPU to the BLAS library (MKL in the official builds), which on some CPUs (AMD
-EPYC, measured) reaches half of oneDNN's speed for the transformer's products: (850 x 256) by (256 x 2048)
-takes 16 ms through MKL and 6 ms through oneDNN on 2 cores. ``linear`` computes the same product, forward and
-backward, through oneDNN's inner-product primitive (the kernel behind ``torch.utils.mkldnn``); outputs agree
-with ``F.linear`` up to float rounding (summation order).
+PyTorch sends fp32 ``F.linear`` on CPU to its BLAS library (MKL in the official builds). ``linear(...,
+onednn=True)`` computes the same product, forward and backward, through oneDNN's inner-product primitive instead
+(the kernel behind ``torch.utils.mkldnn``); outputs agree with ``F.linear`` up to float rounding (summation
+order). Whether that is faster depends on the CPU, the thread count and the load (benchmarks/README.md has
+measurements), so it is off unless asked for.
+
+The oneDNN product is reached through a private torch entry point (``torch._C._nn.mkldnn_linear``), which a torch
+release may change or drop: :func:`onednn_linear_available` checks once per process that it exists and gives
+``F.linear``'s results, forward and backward; where it does not, ``linear`` logs a warning once and uses
+``F.linear``.
 """
+import functools
+import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Linear", "linear", "onednn_linear_applies"]
+__all__ = ["Linear", "linear", "onednn_linear_applies", "onednn_linear_available"]
+
+logger = logging.getLogger(__name__)
 
 # Below this many rows (tokens x batch) the conversions to and from oneDNN's layout cost more than they save.
 MIN_ROWS = 256
@@ -46,10 +55,48 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_linear_available() -> bool:
+    """Whether this torch has the oneDNN product :func:`linear` uses, and it matches ``F.linear``.
+
+    Checked once per process (cached): oneDNN is built in, the private ``torch._C._nn.mkldnn_linear`` exists, and
+    a small product through it gives ``F.linear``'s output and gradients. Logs a warning when it is not.
+    """
+    reason = ""
+    if not torch.backends.mkldnn.is_available():
+        reason = "this torch build has no oneDNN"
+    elif not hasattr(torch._C._nn, "mkldnn_linear"):
+        reason = "this torch release has no torch._C._nn.mkldnn_linear"
+    else:
+        try:
+            reason = _probe()
+        except Exception as e:  # a private entry point may fail in any way on another release
+            reason = f"torch._C._nn.mkldnn_linear failed ({type(e).__name__}: {e})"
+    if reason:
+        logger.warning(f"oneDNN linear requested, but {reason}: the products go through F.linear")
+    return not reason
+
+
+def _probe() -> str:
+    """A small product and its gradients through :class:`_OneDnnLinear` against ``F.linear``: "" when they
+    agree, else what differed. Runs with autograd on, whatever the caller's mode (inference, no_grad, autocast)."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        g = torch.Generator().manual_seed(0)
+        operands = [torch.randn(shape, generator=g, requires_grad=True) for shape in ((8, 16), (4, 16), (4,))]
+        out = _OneDnnLinear.apply(*operands)
+        grads = torch.autograd.grad(out.square().sum(), operands)
+        ref = F.linear(*operands)
+        ref_grads = torch.autograd.grad(ref.square().sum(), operands)
+    for name, got, want in zip(("output", "input grad", "weight grad", "bias grad"), (out, *grads), (ref, *ref_grads)):
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            return f"torch._C._nn.mkldnn_linear gives a different {name} than F.linear"
+    return ""
+
+
 def onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``linear`` takes the oneDNN path for these operands: fp32 on CPU with oneDNN available, at least
-    ``MIN_ROWS`` rows, and not inside tracing, scripting, ONNX export or ``torch.compile`` (which need the
-    standard operator) or autocast (which casts ``F.linear`` itself)."""
+    """Whether ``linear(..., onednn=True)`` takes the oneDNN path for these operands: fp32 on CPU, at least
+    ``MIN_ROWS`` rows, not inside tracing, scripting, ONNX export or ``torch.compile`` (which need the standard
+    operator) or autocast (which casts ``F.linear`` itself), and :func:`onednn_linear_available`."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
         return False  # checked first: the size test below would be recorded into a traced graph
     return (
@@ -58,12 +105,12 @@ def onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.numel() >= MIN_ROWS * x.shape[-1]
-        and torch.backends.mkldnn.is_available()
         and not torch.is_autocast_enabled("cpu")
+        and onednn_linear_available()
     )
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, onednn: bool = True) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, onednn: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)``; through oneDNN when ``onednn`` and ``onednn_linear_applies``.
 
     x: (..., K), weight: (M, K), bias: (M,) -> (..., M).
@@ -77,7 +124,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, onednn: boo
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, names and initialisation) whose product goes through :func:`linear`."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, onednn: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, onednn: bool = False) -> None:
         """
         Args:
             in_features, out_features, bias: as in ``nn.Linear``.

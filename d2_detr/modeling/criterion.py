@@ -4,13 +4,17 @@ For each supervised decoder layer the predictions are matched to the targets, th
 ``loss_ce`` (cross-entropy over all queries, unmatched ones labelled "no object", whose class weight is
 ``eos_coef``), ``loss_bbox`` (L1 on matched normalised cxcywh boxes) and ``loss_giou`` (1 - GIoU of matched
 boxes) are computed; the two box losses are sums divided by the batch's number of target boxes averaged over
-processes, and ``loss_ce`` is the class-weighted sum divided by the batch's sum of class weights averaged over
-processes (in one process: the weighted mean of ``F.cross_entropy``). Every returned loss is already
-multiplied by its weight.
+processes (as in the original), and ``loss_ce`` is the class-weighted sum divided by the batch's sum of class
+weights averaged over processes (in one process: the weighted mean of ``F.cross_entropy``). Every returned loss
+is already multiplied by its weight.
 
 Both normalisers count the whole batch of an optimisation step, so that the gradient, once averaged over
 processes by DistributedDataParallel, does not depend on how the batch is split between processes; within
-:meth:`SetCriterion.normalize_over` they also count the step's other accumulated micro-batches.
+:meth:`SetCriterion.normalize_over` they also count the step's other accumulated micro-batches. The original
+implementation divides ``loss_ce`` by the local batch's class weights (``F.cross_entropy`` with class weights in
+each process), so with several processes its gradient weights each process's queries by how many targets that
+process drew; ``loss_ce_norm_across_processes=False`` (``MODEL.DETR.LOSS_CE_NORM_ACROSS_PROCESSES False``)
+does that.
 
 Outputs with ``"enc_outputs"`` (two-stage models: one prediction per encoder cell) also get the three losses of
 those predictions (suffix ``_enc``), matched and computed against the targets with every label set to 0
@@ -55,6 +59,7 @@ class SetCriterion(nn.Module):
         l1_weight: float = 5.0,
         giou_weight: float = 2.0,
         deep_supervision: bool = True,
+        loss_ce_norm_across_processes: bool = True,
     ):
         """
         Args:
@@ -66,6 +71,10 @@ class SetCriterion(nn.Module):
             l1_weight: weight of ``loss_bbox``.
             giou_weight: weight of ``loss_giou``.
             deep_supervision: also compute the losses of ``outputs["aux_outputs"]``.
+            loss_ce_norm_across_processes: divide ``loss_ce`` by the class weights of the whole step averaged over
+                processes (True), or by this process's own (False, the original: ``F.cross_entropy``'s weighted
+                mean over the local batch, or over the local micro-batches of the step with accumulation).
+                Identical in one process.
         """
         super().__init__()
         self.num_classes = num_classes
@@ -75,6 +84,7 @@ class SetCriterion(nn.Module):
         self.l1_weight = l1_weight
         self.giou_weight = giou_weight
         self.deep_supervision = deep_supervision
+        self.loss_ce_norm_across_processes = loss_ce_norm_across_processes
         empty_weight = torch.ones(num_classes + 1)  # (K+1,)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)  # derived from the config
@@ -91,12 +101,14 @@ class SetCriterion(nn.Module):
             "l1_weight": detr.L1_WEIGHT,
             "giou_weight": detr.GIOU_WEIGHT,
             "deep_supervision": detr.DEEP_SUPERVISION,
+            "loss_ce_norm_across_processes": detr.LOSS_CE_NORM_ACROSS_PROCESSES,
         }
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, class_weight={self.class_weight}, "
-            f"l1_weight={self.l1_weight}, giou_weight={self.giou_weight}, deep_supervision={self.deep_supervision}"
+            f"l1_weight={self.l1_weight}, giou_weight={self.giou_weight}, deep_supervision={self.deep_supervision}, "
+            f"loss_ce_norm_across_processes={self.loss_ce_norm_across_processes}"
         )
 
     @contextmanager
@@ -189,7 +201,8 @@ class SetCriterion(nn.Module):
         return [self.matcher(layer, targets) for layer in layers]
 
     def _normalizers(self, sizes: Sequence[int], num_queries: int, device: torch.device) -> Tuple[Tensor, Tensor]:
-        """``(num_boxes, class_weight_sum)`` of the step, per process (averaged over processes), as () tensors.
+        """``(num_boxes, class_weight_sum)`` of the step, per process (averaged over processes; with
+        ``loss_ce_norm_across_processes`` False, ``class_weight_sum`` is this process's own), as () tensors.
 
         ``num_boxes`` counts the target boxes, clamped to >= 1. ``class_weight_sum`` is the sum over all
         queries of the cross-entropy weight of their target class when each image's ``min(Q, n_i)`` matches
@@ -202,10 +215,12 @@ class SetCriterion(nn.Module):
         matched = sum(min(num_queries, n) for n in counts)
         unmatched = len(counts) * num_queries - matched
         totals = torch.tensor([float(sum(counts)), matched + self.eos_coef * unmatched], device=device)
+        local_class_weight_sum = totals[1].clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         totals = totals / comm.get_world_size()
-        return totals[0].clamp(min=1), totals[1].clamp(min=torch.finfo(totals.dtype).tiny)
+        class_weight_sum = totals[1] if self.loss_ce_norm_across_processes else local_class_weight_sum
+        return totals[0].clamp(min=1), class_weight_sum.clamp(min=torch.finfo(totals.dtype).tiny)
 
     @staticmethod
     def _flatten_indices(

@@ -51,7 +51,8 @@ class DeformableDetr(SetPredictionModel):
     def __init__(self, *, backbone: Backbone, in_features: Sequence[str], position_encoding: nn.Module,
                  transformer: nn.Module, criterion: nn.Module, num_classes: int, num_queries: int,
                  pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], with_box_refine: bool = False,
-                 test_topk: int = 100, fold_frozen_bn: bool = True, channels_last: bool = True):
+                 test_topk: int = 100, fold_frozen_bn: bool = True, channels_last: bool = True,
+                 test_backbone_per_image: bool = True):
         """
         Args:
             backbone: any Detectron2 backbone; its ``in_features`` outputs are used, finest first.
@@ -85,7 +86,7 @@ class DeformableDetr(SetPredictionModel):
                              f"that many queries, not num_queries={num_queries}")
         super().__init__(backbone=backbone, criterion=criterion, num_classes=num_classes, pixel_mean=pixel_mean,
                          pixel_std=pixel_std, test_topk=test_topk, fold_frozen_bn=fold_frozen_bn,
-                         channels_last=channels_last)
+                         channels_last=channels_last, test_backbone_per_image=test_backbone_per_image)
         self.in_features = list(in_features)
         strides = [shapes[name].stride for name in in_features]
         num_levels = transformer.num_feature_levels
@@ -137,6 +138,7 @@ class DeformableDetr(SetPredictionModel):
             "test_topk": detr.TEST_TOPK,
             "fold_frozen_bn": detr.FOLD_FROZEN_BN,
             "channels_last": detr.CHANNELS_LAST,
+            "test_backbone_per_image": detr.TEST_BACKBONE_PER_IMAGE,
         }
 
     def predict(self, images: ImageList) -> Dict:

@@ -86,7 +86,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 1024, dropout: float = 0.1, num_feature_levels: int = 4, enc_n_points: int = 4,
                  dec_n_points: int = 4, two_stage: bool = False, two_stage_num_proposals: int = 300,
-                 onednn_linear: bool = True) -> None:
+                 onednn_linear: bool = False) -> None:
         """
         Args:
             d_model, nhead: feature width d, and attention heads (dividing d) in every attention.

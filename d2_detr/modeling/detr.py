@@ -48,6 +48,7 @@ class Detr(SetPredictionModel):
         freeze_detector: bool = False,
         fold_frozen_bn: bool = True,
         channels_last: bool = True,
+        test_backbone_per_image: bool = True,
         compile_transformer: bool = False,
         compile_backend: str = "inductor",
     ):
@@ -71,6 +72,7 @@ class Detr(SetPredictionModel):
                 (:func:`fold_frozen_batchnorm`): same outputs up to float rounding, less work.
             channels_last: feed the backbone channels-last (NHWC) images: same outputs up to float rounding,
                 faster convolutions on CPU (oneDNN) and on tensor-core GPUs.
+            test_backbone_per_image: see :class:`~d2_detr.modeling.set_prediction.SetPredictionModel`.
             compile_transformer: compile the transformer in place with ``torch.compile`` (parameter names are
                 unchanged); the first calls, and calls with new input shapes, pay the compilation.
             compile_backend: ``torch.compile`` backend used with ``compile_transformer``.
@@ -80,7 +82,7 @@ class Detr(SetPredictionModel):
                              f"available: {sorted(backbone.output_shape())}")
         super().__init__(backbone=backbone, criterion=criterion, num_classes=num_classes, pixel_mean=pixel_mean,
                          pixel_std=pixel_std, test_topk=test_topk, fold_frozen_bn=fold_frozen_bn,
-                         channels_last=channels_last)
+                         channels_last=channels_last, test_backbone_per_image=test_backbone_per_image)
         self.in_feature = in_feature
         self.feature_stride = backbone.output_shape()[in_feature].stride
         self.position_encoding = position_encoding
@@ -126,6 +128,7 @@ class Detr(SetPredictionModel):
             "freeze_detector": cfg.MODEL.DETR.FREEZE_DETECTOR,
             "fold_frozen_bn": cfg.MODEL.DETR.FOLD_FROZEN_BN,
             "channels_last": cfg.MODEL.DETR.CHANNELS_LAST,
+            "test_backbone_per_image": cfg.MODEL.DETR.TEST_BACKBONE_PER_IMAGE,
             "compile_transformer": cfg.MODEL.DETR.COMPILE_TRANSFORMER,
             "compile_backend": cfg.MODEL.DETR.COMPILE_BACKEND,
         }

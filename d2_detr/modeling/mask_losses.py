@@ -9,7 +9,9 @@ full-resolution target masks; each loss is a sum over masks divided by ``num_box
 
 One departure, so that a loss does not depend on which images share a batch: pixels in the padding of an image
 are left out (the focal loss averages over the image's own pixels, the DICE sums skip the padding), where the
-original averaged over the whole padded batch. Without padding both are the same.
+original averaged over the whole padded batch. Without padding both are the same. ``mask_loss_ignore_padding=
+False`` (``MODEL.DETR.MASK_LOSS_IGNORE_PADDING False``) computes the original's losses instead: predictions
+resized to the batch's largest target size, padding included in both losses.
 """
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -121,6 +123,7 @@ class SetCriterionWithMasks(SetCriterion):
         dice_weight: float = 1.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        mask_loss_ignore_padding: bool = True,
         **kwargs: Any,
     ):
         """
@@ -128,6 +131,9 @@ class SetCriterionWithMasks(SetCriterion):
             mask_weight: weight of ``loss_mask`` (focal loss).
             dice_weight: weight of ``loss_dice``.
             focal_alpha, focal_gamma: focal loss parameters (0.25 and 2 in DETR).
+            mask_loss_ignore_padding: leave each image's padding out of both losses, the predictions upsampled by
+                exactly their stride (True); or, as the original, resize the predictions to the batch's largest
+                target size and count the padding (False: a loss then depends on the batch's other images).
             kwargs: :class:`SetCriterion`'s arguments.
         """
         super().__init__(**kwargs)
@@ -135,15 +141,18 @@ class SetCriterionWithMasks(SetCriterion):
         self.dice_weight = dice_weight
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.mask_loss_ignore_padding = mask_loss_ignore_padding
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
         ret = super().from_config(cfg)
-        ret.update(mask_weight=cfg.MODEL.DETR.MASK_WEIGHT, dice_weight=cfg.MODEL.DETR.DICE_WEIGHT)
+        ret.update(mask_weight=cfg.MODEL.DETR.MASK_WEIGHT, dice_weight=cfg.MODEL.DETR.DICE_WEIGHT,
+                   mask_loss_ignore_padding=cfg.MODEL.DETR.MASK_LOSS_IGNORE_PADDING)
         return ret
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mask_weight={self.mask_weight}, dice_weight={self.dice_weight}"
+        return (f"{super().extra_repr()}, mask_weight={self.mask_weight}, dice_weight={self.dice_weight}, "
+                f"mask_loss_ignore_padding={self.mask_loss_ignore_padding}")
 
     def _last_layer_losses(
         self,
@@ -165,9 +174,15 @@ class SetCriterionWithMasks(SetCriterion):
             zero = pred_masks.sum() * 0.0  # stays attached to the graph, so backward works
             return {"loss_mask": zero, "loss_dice": zero}
         src = pred_masks[batch_idx, query_idx].float()  # (M, h, w)
-        src = F.interpolate(src[:, None], scale_factor=stride, mode="bilinear", align_corners=False)[:, 0]
-        target_masks, valid = _padded_target_masks(targets, target_idx, src.shape[-2:])  # (M, s*h, s*w) each
-        src, target_masks, valid = src.flatten(1), target_masks.flatten(1), valid.flatten(1)  # (M, P)
+        if self.mask_loss_ignore_padding:
+            src = F.interpolate(src[:, None], scale_factor=stride, mode="bilinear", align_corners=False)[:, 0]
+            target_masks, valid = _padded_target_masks(targets, target_idx, src.shape[-2:])  # (M, s*h, s*w) each
+        else:  # the original: to the largest target size, padding counted
+            size = tuple(max(t["masks"].shape[i] for t in targets) for i in (-2, -1))  # (H, W)
+            src = F.interpolate(src[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]  # (M, H, W)
+            target_masks, valid = _padded_target_masks(targets, target_idx, size)[0], None
+        src, target_masks = src.flatten(1), target_masks.flatten(1)  # (M, P)
+        valid = None if valid is None else valid.flatten(1)  # (M, P)
         loss_mask = sigmoid_focal_loss(src, target_masks, num_boxes, self.focal_alpha, self.focal_gamma, valid)
         loss_dice = dice_loss(src, target_masks, num_boxes, valid)
         return {"loss_mask": self.mask_weight * loss_mask, "loss_dice": self.dice_weight * loss_dice}

@@ -39,7 +39,8 @@ class SetPredictionModel(nn.Module):
     sigmoid_scores: bool = False
 
     def __init__(self, *, backbone: nn.Module, criterion: nn.Module, num_classes: int, pixel_mean: Tuple[float, ...],
-                 pixel_std: Tuple[float, ...], test_topk: int, fold_frozen_bn: bool = True, channels_last: bool = True):
+                 pixel_std: Tuple[float, ...], test_topk: int, fold_frozen_bn: bool = True, channels_last: bool = True,
+                 test_backbone_per_image: bool = True):
         """
         Args:
             backbone: a Detectron2 backbone.
@@ -51,6 +52,9 @@ class SetPredictionModel(nn.Module):
                 (:func:`~d2_detr.layers.frozen_bn.fold_frozen_batchnorm`): same outputs up to float rounding.
             channels_last: feed the backbone channels-last (NHWC) images: same outputs up to float rounding,
                 faster convolutions on CPU (oneDNN) and on tensor-core GPUs.
+            test_backbone_per_image: at inference, run the backbone image by image when a batch holds images of
+                different sizes (:meth:`features_per_image`), so that detections do not depend on which images
+                share a batch; False runs the padded batch at once, as the original implementations do.
         """
         super().__init__()
         self.backbone = backbone
@@ -58,6 +62,7 @@ class SetPredictionModel(nn.Module):
         self.num_classes = num_classes
         self.test_topk = test_topk
         self.channels_last = channels_last
+        self.test_backbone_per_image = test_backbone_per_image
         if fold_frozen_bn:
             logger.info(f"Folded {fold_frozen_batchnorm(backbone)} frozen BatchNorms into their convolutions")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -118,12 +123,14 @@ class SetPredictionModel(nn.Module):
         In training the padded batch goes through ``compute`` at once (BatchNorm statistics need the batch). At
         inference, images of different sizes go through it one by one, cropped to their size, and their maps are
         zero-padded to the largest: otherwise convolutions (and normalisations) near an image's bottom/right border
-        read the batch's padding, and a detection would depend on which images share its batch.
+        read the batch's padding, and a detection would depend on which images share its batch. That gives up
+        batching for mixed-size batches (benchmarks/README.md measures it); with ``test_backbone_per_image`` False
+        the padded batch goes through at once, as in the original implementations.
         """
         pixels = images.tensor  # (B, 3, H_pad, W_pad)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        if self.training or len(set(images.image_sizes)) == 1:
+        if self.training or not self.test_backbone_per_image or len(set(images.image_sizes)) == 1:
             return dict(compute(pixels))
         per_image = [compute(pixels[i : i + 1, :, :h, :w]) for i, (h, w) in enumerate(images.image_sizes)]
         batched = {}

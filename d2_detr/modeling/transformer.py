@@ -43,7 +43,7 @@ class TransformerEncoderLayer(nn.Module):
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
         normalize_before: bool = False,
-        onednn_linear: bool = True,
+        onednn_linear: bool = False,
     ) -> None:
         """
         Args:
@@ -106,7 +106,7 @@ class TransformerDecoderLayer(nn.Module):
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
         normalize_before: bool = False,
-        onednn_linear: bool = True,
+        onednn_linear: bool = False,
     ) -> None:
         """Arguments as in :class:`TransformerEncoderLayer`."""
         super().__init__()
@@ -265,7 +265,7 @@ class DetrTransformer(nn.Module):
         dropout: float = 0.1,
         normalize_before: bool = False,
         return_intermediate_dec: bool = False,
-        onednn_linear: bool = True,
+        onednn_linear: bool = False,
     ) -> None:
         """
         Args:
