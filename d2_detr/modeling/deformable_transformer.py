@@ -8,7 +8,7 @@ Two-stage departure, so that detections do not depend on batch neighbours: padde
 top-scoring proposals (the original could pick them in a padded batch); an image alone is unaffected.
 """
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -24,7 +24,8 @@ from ..layers.deformable_transformer import (
 from ..layers.position_encoding import sine_box_embedding
 from .registry import DETR_TRANSFORMER_REGISTRY, transformer_size_args
 
-__all__ = ["DeformableTransformer", "encoder_proposals", "valid_ratios"]
+__all__ = ["DeformableTransformer", "encode_levels", "encoder_predictions", "encoder_proposals", "top_cells",
+           "valid_ratios"]
 
 # Proposals whose normalised coordinates all lie strictly inside (low, high) are valid (the original's bounds).
 _PROPOSAL_BOUNDS = (0.01, 0.99)
@@ -70,6 +71,49 @@ def encoder_proposals(masks: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     usable = ((proposals > low) & (proposals < high)).all(-1, keepdim=True) & ~padding[..., None]  # (B, S, 1)
     proposals = torch.log(proposals / (1 - proposals)).masked_fill(~usable, float("inf"))
     return proposals, usable
+
+
+def encode_levels(encoder: nn.Module, level_embed: Tensor, srcs: List[Tensor], masks: List[Tensor],
+                  pos_embeds: List[Tensor]) -> Tuple[Tensor, List[Tuple[int, int]], Tensor, Tensor]:
+    """Flatten the L levels (adding ``level_embed[l]`` (L, d) to level l's position encoding) and encode them.
+
+    Args:
+        encoder: a :class:`~d2_detr.layers.deformable_transformer.DeformableEncoder`.
+        srcs: L levels (B, d, H_l, W_l); masks: their padding masks (B, H_l, W_l); pos_embeds: their position
+            encodings (B, d, H_l, W_l).
+
+    Returns:
+        memory (B, S, d), spatial_shapes [(H_l, W_l)], valid ratios (B, L, 2), flat padding mask (B, S).
+    """
+    spatial_shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
+    src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # (B, S, d)
+    mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)  # (B, S)
+    pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + level_embed[level]
+                          for level, pos in enumerate(pos_embeds)], 1)  # (B, S, d)
+    ratios = valid_ratios(masks)  # (B, L, 2)
+    return encoder(src_flat, pos_flat, spatial_shapes, ratios, mask_flat), spatial_shapes, ratios, mask_flat
+
+
+def encoder_predictions(memory: Tensor, masks: Sequence[Tensor], project: Callable[[Tensor], Tensor],
+                        class_head: nn.Module, box_head: nn.Module) -> Tuple[Tensor, Tensor, Tensor]:
+    """Predictions at every encoder cell from the encoder output ``memory`` (B, S, d): the projected features
+    ``project(memory)`` (zero at unusable cells, see :func:`encoder_proposals`) (B, S, d), their class logits
+    (B, S, K) and their boxes (B, S, 4) refining the cells' proposals, in inverse-sigmoid space (+inf where
+    unusable)."""
+    proposals, usable = encoder_proposals(masks)  # (B, S, 4), (B, S, 1)
+    enc_memory = project(memory.masked_fill(~usable, 0.0))  # (B, S, d)
+    return enc_memory, class_head(enc_memory), box_head(enc_memory) + proposals
+
+
+def top_cells(scores: Tensor, masks: Sequence[Tensor], k: int) -> Tensor:
+    """(B, k) indices of the ``k`` best-scoring cells, ``scores`` (B, S); padded cells (``masks``: the levels'
+    (B, H_l, W_l) padding masks) rank last, so that an image's choice does not depend on the batch's padding."""
+    if not torch.jit.is_tracing() and scores.shape[1] < k:
+        raise ValueError(f"The transformer keeps {k} proposals of the encoder's cells as queries "
+                         f"(MODEL.DETR.NUM_OBJECT_QUERIES) but the feature levels have only {scores.shape[1]} cells: "
+                         "use larger images or fewer queries")
+    scores = scores.masked_fill(torch.cat([m.flatten(1) for m in masks], 1), -math.inf)  # (B, S)
+    return scores.topk(k, dim=1).indices
 
 
 @DETR_TRANSFORMER_REGISTRY.register()
@@ -172,13 +216,8 @@ class DeformableTransformer(nn.Module):
         if len(srcs) != self.num_feature_levels:
             raise ValueError(f"DeformableTransformer built for {self.num_feature_levels} feature levels, "
                              f"got {len(srcs)}")
-        spatial_shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
-        src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # (B, S, d)
-        mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)  # (B, S)
-        pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level]
-                              for level, pos in enumerate(pos_embeds)], 1)  # (B, S, d)
-        ratios = valid_ratios(masks)  # (B, L, 2)
-        memory = self.encoder(src_flat, pos_flat, spatial_shapes, ratios, mask_flat)  # (B, S, d)
+        memory, spatial_shapes, ratios, mask_flat = encode_levels(self.encoder, self.level_embed, srcs, masks,
+                                                                  pos_embeds)
 
         outputs: Dict[str, object] = {}
         if self.two_stage:
@@ -190,7 +229,7 @@ class DeformableTransformer(nn.Module):
         else:
             if query_embed is None:
                 raise ValueError("DeformableTransformer needs the learned query embedding (Q, 2d) unless two-stage")
-            query_pos, tgt = query_embed.expand(src_flat.shape[0], -1, -1).split(self.d_model, dim=-1)  # (B, Q, d)
+            query_pos, tgt = query_embed.expand(memory.shape[0], -1, -1).split(self.d_model, dim=-1)  # (B, Q, d)
             reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
         hs, references = self.decoder(tgt, reference, memory, spatial_shapes, ratios, query_pos, mask_flat, box_heads)
         outputs.update(hs=hs, references=references)
@@ -202,19 +241,9 @@ class DeformableTransformer(nn.Module):
         """Two-stage queries from the encoder output ``memory`` (B, S, d) and the levels' padding ``masks``:
         (query_pos, tgt) (B, Q, d) each, reference boxes (B, Q, 4), and the proposal heads' logits (B, S, K) and
         boxes (B, S, 4) at every cell."""
-        proposals, usable = encoder_proposals(masks)  # (B, S, 4), (B, S, 1)
-        enc_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~usable, 0.0)))  # (B, S, d)
-        class_head, box_head = proposal_heads
-        enc_logits = class_head(enc_memory)  # (B, S, K)
-        enc_coords = box_head(enc_memory) + proposals  # (B, S, 4) inverse sigmoid, +inf where unusable
-        num_proposals = self.two_stage_num_proposals
-        if not torch.jit.is_tracing() and enc_logits.shape[1] < num_proposals:
-            raise ValueError(f"Two-stage DeformableTransformer keeps {num_proposals} proposals "
-                             f"(MODEL.DETR.NUM_OBJECT_QUERIES) but the feature levels have only {enc_logits.shape[1]} "
-                             "cells: use larger images or fewer queries")
-        # Padded cells rank last, so that an image's queries do not depend on the batch's padding.
-        scores = enc_logits[..., 0].masked_fill(torch.cat([m.flatten(1) for m in masks], 1), -math.inf)  # (B, S)
-        top = scores.topk(num_proposals, dim=1).indices  # (B, Q)
+        _, enc_logits, enc_coords = encoder_predictions(
+            memory, masks, lambda x: self.enc_output_norm(self.enc_output(x)), *proposal_heads)
+        top = top_cells(enc_logits[..., 0], masks, self.two_stage_num_proposals)  # (B, Q)
         top_coords = enc_coords.gather(1, top[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
         embedding = sine_box_embedding(top_coords.sigmoid(), self.d_model // 2)  # (B, Q, 2d)
         query_pos, tgt = self.pos_trans_norm(self.pos_trans(embedding)).split(self.d_model, dim=-1)
