@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_backbone, build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from d2_detr.layers.position_encoding import PositionEmbeddingSine
@@ -15,6 +14,7 @@ from d2_detr.modeling.dino_transformer import DinoTransformer
 from d2_detr.modeling.focal import FocalHungarianMatcher
 
 from .conftest import REPO_DIR, load_config
+from .test_deformable_detr import _image, _instances
 
 TINY_DINO = os.path.join(REPO_DIR, "tests", "configs", "tiny_dino.yaml")
 INGREDIENT_OFF = {
@@ -33,17 +33,6 @@ def _one_thread(one_thread):
 def tiny_model(*opts, seed=0):
     torch.manual_seed(seed)
     return build_model(load_config(TINY_DINO, *opts))
-
-
-def _image(h, w, seed):
-    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed)) * 255
-
-
-def _instances(h, w, boxes, classes):
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return inst
 
 
 def _batch():

@@ -24,8 +24,8 @@ from ..layers.deformable_transformer import (
 from ..layers.position_encoding import sine_box_embedding
 from .registry import DETR_TRANSFORMER_REGISTRY, transformer_size_args
 
-__all__ = ["DeformableTransformer", "encode_levels", "encoder_predictions", "encoder_proposals", "top_cells",
-           "valid_ratios"]
+__all__ = ["DeformableTransformer", "deformable_layers", "deformable_size_args", "encode_levels", "encoder_predictions", "encoder_proposals", "top_cells",
+           "reset_deformable_parameters", "valid_ratios"]
 
 # Proposals whose normalised coordinates all lie strictly inside (low, high) are valid (the original's bounds).
 _PROPOSAL_BOUNDS = (0.01, 0.99)
@@ -71,6 +71,46 @@ def encoder_proposals(masks: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     usable = ((proposals > low) & (proposals < high)).all(-1, keepdim=True) & ~padding[..., None]  # (B, S, 1)
     proposals = torch.log(proposals / (1 - proposals)).masked_fill(~usable, float("inf"))
     return proposals, usable
+
+
+def deformable_size_args(cfg, name: str) -> dict:
+    """The constructor arguments of a deformable transformer (named ``name`` in errors) read from the config:
+    :func:`~d2_detr.modeling.registry.transformer_size_args`, the feature levels and the sampling points."""
+    deformable = cfg.MODEL.DEFORMABLE_DETR
+    if cfg.MODEL.DETR.PRE_NORM:
+        raise ValueError(f"MODEL.DETR.PRE_NORM=True: {name} has post-norm layers only; set it False")
+    return {
+        **transformer_size_args(cfg),
+        "num_feature_levels": deformable.NUM_FEATURE_LEVELS,
+        "enc_n_points": deformable.ENC_N_POINTS,
+        "dec_n_points": deformable.DEC_N_POINTS,
+    }
+
+
+def deformable_layers(d_model: int, nhead: int, num_encoder_layers: int, dim_feedforward: int, dropout: float,
+                      num_feature_levels: int, enc_n_points: int, dec_n_points: int,
+                      onednn_linear: bool) -> Tuple[DeformableEncoder, DeformableDecoderLayer]:
+    """The deformable encoder and one decoder layer (for the decoder to copy), of the given sizes (see
+    :class:`DeformableTransformer`)."""
+    if d_model % nhead != 0:
+        raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead}) (MODEL.DETR.HIDDEN_DIM, NHEADS)")
+    encoder_layer = DeformableEncoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, enc_n_points,
+                                           onednn_linear)
+    decoder_layer = DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, dec_n_points,
+                                           onednn_linear)
+    return DeformableEncoder(encoder_layer, num_encoder_layers), decoder_layer
+
+
+def reset_deformable_parameters(transformer: nn.Module) -> None:
+    """The original initialisation of a deformable transformer: Xavier-uniform matrices, the deformable attentions'
+    own initialisation, a standard-normal ``level_embed``."""
+    for p in transformer.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for module in transformer.modules():
+        if isinstance(module, MultiScaleDeformableAttention):
+            module.reset_parameters()
+    nn.init.normal_(transformer.level_embed)
 
 
 def encode_levels(encoder: nn.Module, level_embed: Tensor, srcs: List[Tensor], masks: List[Tensor],
@@ -145,18 +185,13 @@ class DeformableTransformer(nn.Module):
             onednn_linear: matrix products through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`).
         """
         super().__init__()
-        if d_model % nhead != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead}) (MODEL.DETR.HIDDEN_DIM, NHEADS)")
         self.d_model = d_model
         self.num_feature_levels = num_feature_levels
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
-        self.encoder = DeformableEncoder(
-            DeformableEncoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, enc_n_points,
-                                   onednn_linear), num_encoder_layers)
-        self.decoder = DeformableDecoder(
-            DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, dec_n_points,
-                                   onednn_linear), num_decoder_layers)
+        self.encoder, decoder_layer = deformable_layers(d_model, nhead, num_encoder_layers, dim_feedforward, dropout,
+                                                        num_feature_levels, enc_n_points, dec_n_points, onednn_linear)
+        self.decoder = DeformableDecoder(decoder_layer, num_decoder_layers)
         self.num_decoder_layers = num_decoder_layers
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
@@ -170,30 +205,18 @@ class DeformableTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        detr, deformable = cfg.MODEL.DETR, cfg.MODEL.DEFORMABLE_DETR
-        if detr.PRE_NORM:
-            raise ValueError("MODEL.DETR.PRE_NORM=True: DeformableTransformer has post-norm layers only; set it False")
         return {
-            **transformer_size_args(cfg),
-            "num_feature_levels": deformable.NUM_FEATURE_LEVELS,
-            "enc_n_points": deformable.ENC_N_POINTS,
-            "dec_n_points": deformable.DEC_N_POINTS,
-            "two_stage": deformable.TWO_STAGE,
-            "two_stage_num_proposals": detr.NUM_OBJECT_QUERIES,
+            **deformable_size_args(cfg, cls.__name__),
+            "two_stage": cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE,
+            "two_stage_num_proposals": cfg.MODEL.DETR.NUM_OBJECT_QUERIES,
         }
 
     def _reset_parameters(self) -> None:
         """The original initialisation: Xavier-uniform matrices, the deformable attentions' own initialisation,
         zero ``reference_points`` bias, standard-normal level embedding."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if isinstance(module, MultiScaleDeformableAttention):
-                module.reset_parameters()
+        reset_deformable_parameters(self)
         if not self.two_stage:
             nn.init.zeros_(self.reference_points.bias)
-        nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
                 query_embed: Optional[Tensor] = None, box_heads: Optional[Sequence[nn.Module]] = None,

@@ -20,12 +20,17 @@ import torch
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-from ..layers.deformable_attention import MultiScaleDeformableAttention
-from ..layers.deformable_transformer import DeformableDecoderLayer, DeformableEncoder, DeformableEncoderLayer
 from ..layers.dino_decoder import DinoDecoder
-from .deformable_transformer import encode_levels, encoder_predictions, top_cells
+from .deformable_transformer import (
+    deformable_layers,
+    deformable_size_args,
+    encode_levels,
+    encoder_predictions,
+    reset_deformable_parameters,
+    top_cells,
+)
 from .denoising import DenoisingQueries
-from .registry import DETR_TRANSFORMER_REGISTRY, transformer_size_args
+from .registry import DETR_TRANSFORMER_REGISTRY
 
 __all__ = ["DinoTransformer", "QUERY_SELECTIONS"]
 
@@ -52,8 +57,6 @@ class DinoTransformer(nn.Module):
             look_forward_twice: see :class:`~d2_detr.layers.dino_decoder.DinoDecoder`.
         """
         super().__init__()
-        if d_model % nhead != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead}) (MODEL.DETR.HIDDEN_DIM, NHEADS)")
         if query_selection not in QUERY_SELECTIONS:
             raise ValueError(f"MODEL.DINO.QUERY_SELECTION={query_selection!r}: choose one of {QUERY_SELECTIONS}")
         self.d_model = d_model
@@ -61,12 +64,9 @@ class DinoTransformer(nn.Module):
         self.num_decoder_layers = num_decoder_layers
         self.num_queries = num_queries
         self.query_selection = query_selection
-        self.encoder = DeformableEncoder(
-            DeformableEncoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, enc_n_points,
-                                   onednn_linear), num_encoder_layers)
-        self.decoder = DinoDecoder(
-            DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, dec_n_points,
-                                   onednn_linear), num_decoder_layers, d_model, look_forward_twice)
+        self.encoder, decoder_layer = deformable_layers(d_model, nhead, num_encoder_layers, dim_feedforward, dropout,
+                                                        num_feature_levels, enc_n_points, dec_n_points, onednn_linear)
+        self.decoder = DinoDecoder(decoder_layer, num_decoder_layers, d_model, look_forward_twice)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if query_selection != "pure":
             self.tgt_embed = nn.Embedding(num_queries, d_model)
@@ -75,7 +75,7 @@ class DinoTransformer(nn.Module):
         else:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
-        self._reset_parameters()
+        reset_deformable_parameters(self)  # the query embeddings too are Xavier-uniform, as in the original
 
     @property
     def two_stage(self) -> bool:
@@ -89,29 +89,12 @@ class DinoTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        detr, deformable, dino = cfg.MODEL.DETR, cfg.MODEL.DEFORMABLE_DETR, cfg.MODEL.DINO
-        if detr.PRE_NORM:
-            raise ValueError("MODEL.DETR.PRE_NORM=True: DinoTransformer has post-norm layers only; set it False")
         return {
-            **transformer_size_args(cfg),
-            "num_feature_levels": deformable.NUM_FEATURE_LEVELS,
-            "enc_n_points": deformable.ENC_N_POINTS,
-            "dec_n_points": deformable.DEC_N_POINTS,
-            "num_queries": detr.NUM_OBJECT_QUERIES,
-            "query_selection": dino.QUERY_SELECTION,
-            "look_forward_twice": dino.LOOK_FORWARD_TWICE,
+            **deformable_size_args(cfg, cls.__name__),
+            "num_queries": cfg.MODEL.DETR.NUM_OBJECT_QUERIES,
+            "query_selection": cfg.MODEL.DINO.QUERY_SELECTION,
+            "look_forward_twice": cfg.MODEL.DINO.LOOK_FORWARD_TWICE,
         }
-
-    def _reset_parameters(self) -> None:
-        """The original initialisation: Xavier-uniform matrices (the query embeddings included), the deformable
-        attentions' own initialisation, standard-normal level embedding."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if isinstance(module, MultiScaleDeformableAttention):
-                module.reset_parameters()
-        nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor], box_head: nn.Module,
                 proposal_heads: Optional[Tuple[nn.Module, nn.Module]] = None,
