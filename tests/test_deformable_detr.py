@@ -4,7 +4,6 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_backbone, build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from d2_detr.layers.position_encoding import PositionEmbeddingSine
@@ -14,6 +13,9 @@ from d2_detr.modeling.focal import FocalHungarianMatcher, FocalSetCriterion
 from d2_detr.modeling.inference import select_batch_predictions
 
 from .conftest import REPO_DIR, load_config
+from .model_helpers import assert_same_alone_and_batched, shift_batchnorm_statistics
+from .model_helpers import gt_instances as _instances
+from .model_helpers import random_image as _image
 
 TINY_DEFORMABLE = os.path.join(REPO_DIR, "tests", "configs", "tiny_deformable.yaml")
 VARIANTS = {
@@ -31,17 +33,6 @@ def _one_thread(one_thread):
 def tiny_model(*opts, seed=0):
     torch.manual_seed(seed)
     return build_model(load_config(TINY_DEFORMABLE, "MODEL.DETR.DROPOUT", 0.0, *opts))
-
-
-def _image(h, w, seed):
-    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed)) * 255
-
-
-def _instances(h, w, boxes, classes):
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return inst
 
 
 def _batch():
@@ -135,15 +126,8 @@ def test_detections_do_not_depend_on_batch_neighbours(variant):
     """With the real (tiny) ResNet with BatchNorm shifts (padding does not stay zero through it) and the input
     projections' GroupNorm: an image's outputs are the same alone and in a padded batch with a larger image."""
     model = tiny_model(*VARIANTS[variant], "MODEL.RESNETS.NORM", "BN").eval()
-    for module in model.backbone.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-    small, large = _image(72, 100, 8), _image(130, 90, 9)
-    with torch.no_grad():
-        alone = model.predict(model.preprocess_image([{"image": small}]))
-        batched = model.predict(model.preprocess_image([{"image": large}, {"image": small}]))
-    torch.testing.assert_close(batched["pred_logits"][1], alone["pred_logits"][0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(batched["pred_boxes"][1], alone["pred_boxes"][0], atol=1e-4, rtol=0)
+    shift_batchnorm_statistics(model.backbone)
+    assert_same_alone_and_batched(model, _image(72, 100, 8), _image(130, 90, 9), atol=1e-4, image_first=False)
 
 
 def test_inference_output_is_top_k_pairs_by_sigmoid_score():

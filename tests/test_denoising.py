@@ -58,7 +58,8 @@ def test_queries_without_noise_are_the_ground_truth_in_the_documented_slots():
             torch.testing.assert_close(queries.content[1, 4 * g + offset], weight[4])
             torch.testing.assert_close(queries.reference_logits[1, 4 * g + offset].sigmoid(), boxes[1][0])
         for offset in (1, 3):
-            assert not queries.content[1, 4 * g + offset].any() and not queries.reference_logits[1, 4 * g + offset].any()
+            slot = 4 * g + offset
+            assert not queries.content[1, slot].any() and not queries.reference_logits[1, slot].any()
     assert torch.equal(queries.attn_mask, denoising_attention_mask(2, 4, 3))
 
 

@@ -7,13 +7,15 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from d2_detr.layers.padding_mask import feature_padding_mask
 from d2_detr.modeling.detr import FoldedFrozenBNConv2d, fold_frozen_batchnorm
 from d2_detr.modeling.inference import select_batch_predictions, select_predictions
 
 from .conftest import PATCH_BACKBONE_OPTS, REPO_DIR, TINY_CONFIG, load_config
+from .model_helpers import assert_same_alone_and_batched, shift_batchnorm_statistics
+from .model_helpers import gt_instances as _instances
+from .model_helpers import random_image as _image
 
 
 def patch_model(**overrides):
@@ -22,11 +24,6 @@ def patch_model(**overrides):
         opts += [key, value]
     torch.manual_seed(0)
     return build_model(load_config(TINY_CONFIG, *opts))
-
-
-def _image(h, w, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(3, h, w, generator=g) * 255).float()
 
 
 def test_feature_padding_mask_ceil_rule():
@@ -44,12 +41,7 @@ def test_feature_padding_mask_ceil_rule():
 @pytest.mark.parametrize("position_embedding", ["sine", "learned"])
 def test_image_alone_equals_image_in_padded_batch(position_embedding):
     model = patch_model(**{"MODEL.DETR.POSITION_EMBEDDING": position_embedding}).eval()
-    small, large = _image(64, 96, 1), _image(128, 160, 2)
-    with torch.no_grad():
-        alone = model.predict(model.preprocess_image([{"image": small}]))
-        batched = model.predict(model.preprocess_image([{"image": small}, {"image": large}]))
-    torch.testing.assert_close(batched["pred_logits"][0], alone["pred_logits"][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(batched["pred_boxes"][0], alone["pred_boxes"][0], atol=1e-5, rtol=0)
+    assert_same_alone_and_batched(model, _image(64, 96, 1), _image(128, 160, 2), atol=1e-5)
 
 
 def test_padding_is_masked_not_just_zero():
@@ -108,13 +100,6 @@ def test_select_batch_predictions_names_each_prediction_query(topk):
     torch.testing.assert_close(picked, torch.gather(boxes, 1, queries[..., None].expand(-1, -1, 4)))
     for image, (s, l, b) in enumerate(select_predictions(logits, boxes, topk)):
         assert torch.equal(s, scores[image]) and torch.equal(l, labels[image]) and torch.equal(b, picked[image])
-
-
-def _instances(h, w, boxes, classes):
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return inst
 
 
 def test_training_returns_only_optimised_losses_and_logs_metrics():
@@ -297,12 +282,5 @@ def test_resnet_detections_do_not_depend_on_batch_neighbours():
     are the same alone and in a padded batch with a larger image."""
     torch.manual_seed(0)
     model = build_model(load_config(TINY_CONFIG, "MODEL.RESNETS.NORM", "BN")).eval()
-    for module in model.backbone.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)  # non-zero shifts: padding no longer stays zero
-    small, large = _image(72, 100, 8), _image(130, 90, 9)
-    with torch.no_grad():
-        alone = model.predict(model.preprocess_image([{"image": small}]))
-        batched = model.predict(model.preprocess_image([{"image": small}, {"image": large}]))
-    torch.testing.assert_close(batched["pred_logits"][0], alone["pred_logits"][0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(batched["pred_boxes"][0], alone["pred_boxes"][0], atol=1e-4, rtol=0)
+    shift_batchnorm_statistics(model.backbone)
+    assert_same_alone_and_batched(model, _image(72, 100, 8), _image(130, 90, 9), atol=1e-4)

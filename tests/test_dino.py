@@ -14,7 +14,7 @@ from d2_detr.modeling.dino_transformer import DinoTransformer
 from d2_detr.modeling.focal import FocalHungarianMatcher
 
 from .conftest import REPO_DIR, load_config
-from .test_deformable_detr import _image, _instances
+from .model_helpers import assert_same_alone_and_batched, gt_instances, random_image, shift_batchnorm_statistics
 
 TINY_DINO = os.path.join(REPO_DIR, "tests", "configs", "tiny_dino.yaml")
 INGREDIENT_OFF = {
@@ -36,8 +36,9 @@ def tiny_model(*opts, seed=0):
 
 
 def _batch():
-    return [{"image": _image(64, 96, 1), "instances": _instances(64, 96, [[4, 4, 40, 30], [50, 20, 90, 60]], [1, 3])},
-            {"image": _image(96, 64, 2), "instances": _instances(96, 64, [[10, 30, 50, 80]], [4])}]
+    return [{"image": random_image(64, 96, 1),
+             "instances": gt_instances(64, 96, [[4, 4, 40, 30], [50, 20, 90, 60]], [1, 3])},
+            {"image": random_image(96, 64, 2), "instances": gt_instances(96, 64, [[10, 30, 50, 80]], [4])}]
 
 
 def test_r50_4scale_parameter_count_equals_the_original():
@@ -57,7 +58,7 @@ def test_built_from_plain_arguments():
         criterion=DinoCriterion(num_classes=5, matcher=FocalHungarianMatcher()), num_classes=5, num_queries=7,
         pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0), test_topk=4, dn_labelbook_size=5).eval()
     assert model.label_enc.weight.shape == (6, 64) and transformer.tgt_embed.weight.shape == (7, 64)
-    (out,) = model([{"image": _image(64, 96, 0)}])
+    (out,) = model([{"image": random_image(64, 96, 0)}])
     assert len(out["instances"]) == 4 and out["instances"].image_size == (64, 96)
 
 
@@ -75,7 +76,8 @@ def test_built_from_config_with_shared_heads_and_the_original_names():
     assert {"label_enc.weight", "transformer.tgt_embed.weight", "transformer.enc_output.weight",
             "transformer.enc_output_norm.weight", "transformer.decoder.norm.weight",
             "transformer.decoder.ref_point_head.layers.1.weight", "transformer.level_embed",
-            "transformer.decoder.layers.1.self_attn.in_proj_weight", "class_embed.1.weight", "bbox_embed.1.layers.2.bias",
+            "transformer.decoder.layers.1.self_attn.in_proj_weight", "class_embed.1.weight",
+            "bbox_embed.1.layers.2.bias",
             "enc_class_embed.weight", "enc_bbox_embed.layers.2.weight", "input_proj.3.1.weight"} <= keys
     assert not any(k.startswith("query_embed") for k in keys)
 
@@ -153,7 +155,7 @@ def test_denoising_outputs_layout():
 
 def test_batch_without_boxes_trains_without_denoising():
     model = tiny_model().train()
-    batch = [{"image": _image(64, 64, 0), "instances": _instances(64, 64, [], [])}]
+    batch = [{"image": random_image(64, 64, 0), "instances": gt_instances(64, 64, [], [])}]
     with EventStorage():
         losses = model(batch)
     assert not any("_dn" in k for k in losses)
@@ -165,20 +167,14 @@ def test_batch_without_boxes_trains_without_denoising():
 def test_detections_do_not_depend_on_batch_neighbours(ingredient):
     opts = [] if ingredient == "mixed" else INGREDIENT_OFF[ingredient]
     model = tiny_model(*opts, "MODEL.RESNETS.NORM", "BN").eval()
-    for module in model.backbone.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-    small, large = _image(72, 100, 8), _image(130, 90, 9)
-    with torch.no_grad():
-        alone = model.predict(model.preprocess_image([{"image": small}]))
-        batched = model.predict(model.preprocess_image([{"image": large}, {"image": small}]))
-    torch.testing.assert_close(batched["pred_logits"][1], alone["pred_logits"][0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(batched["pred_boxes"][1], alone["pred_boxes"][0], atol=1e-4, rtol=0)
+    shift_batchnorm_statistics(model.backbone)
+    assert_same_alone_and_batched(model, random_image(72, 100, 8), random_image(130, 90, 9), atol=1e-4,
+                                  image_first=False)
 
 
 def test_inference_returns_top_k_pairs_and_no_denoising():
     model = tiny_model().eval()
-    image = _image(64, 96, 3)
+    image = random_image(64, 96, 3)
     (out,) = model([{"image": image, "height": 128, "width": 192}])
     inst = out["instances"]
     assert inst.image_size == (128, 192) and len(inst) == 20  # TEST_TOPK of the tiny config
@@ -212,6 +208,6 @@ def test_bad_config_is_a_clear_error(opts, message):
 
 def test_class_id_outside_configured_classes_is_a_clear_error():
     model = tiny_model().train()
-    batch = [{"image": _image(64, 64, 0), "instances": _instances(64, 64, [[1, 1, 20, 20]], [7])}]
+    batch = [{"image": random_image(64, 64, 0), "instances": gt_instances(64, 64, [[1, 1, 20, 20]], [7])}]
     with EventStorage(), pytest.raises(ValueError, match="set MODEL.DETR.NUM_CLASSES"):
         model(batch)

@@ -39,7 +39,8 @@ def test_train_then_eval_only(tmp_path):
     proc = train_net("--eval-only", "MODEL.WEIGHTS", out / "model_final.pth", "OUTPUT_DIR", tmp_path / "eval")
     log = proc.stdout + proc.stderr
     assert "Evaluation results for bbox" in log and "copypaste: AP,AP50,AP75,APs,APm,APl" in log
-    assert os.path.exists(tmp_path / "eval" / "inference" / "synthetic_shapes_val_small" / "coco_instances_results.json")
+    results = tmp_path / "eval" / "inference" / "synthetic_shapes_val_small" / "coco_instances_results.json"
+    assert os.path.exists(results)
 
 
 def test_num_classes_and_label_book_are_checked_at_start_up(tmp_path):

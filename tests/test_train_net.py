@@ -15,9 +15,9 @@ from .conftest import PATCH_BACKBONE_OPTS, REPO_DIR, TINY_CONFIG, load_config
 TRAIN_NET = os.path.join(REPO_DIR, "tools", "train_net.py")
 
 
-def train_net(*args, check=True):
+def train_net(*args, check=True, config=TINY_CONFIG):
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, TRAIN_NET, "--config-file", TINY_CONFIG, *map(str, args)],
+    proc = subprocess.run([sys.executable, TRAIN_NET, "--config-file", config, *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=REPO_DIR)
     if check and proc.returncode != 0:
         raise AssertionError(f"train_net failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -1,4 +1,4 @@
-"""Writing a ``Detr`` to a TorchScript or ONNX file (see d2_detr.export.wrapper for the graph's inputs and outputs).
+"""Writing a ``Detr`` or ``DeformableDetr`` to a TorchScript or ONNX file (see d2_detr.export.wrapper for the graph's inputs and outputs).
 
 Both formats come from one TorchScript module (:func:`~d2_detr.export.wrapper.trace_detr`): saved as it is with
 ``torch.jit.save``, or converted by PyTorch's TorchScript-based ONNX exporter (``torch.onnx.export(...,
@@ -19,8 +19,9 @@ import torch
 from detectron2.config import CfgNode
 from torch import Tensor, nn
 
+from ..modeling.deformable_detr import DeformableDetr
 from ..modeling.detr import Detr
-from .wrapper import INPUT_NAMES, BackboneFeatures, output_names, trace_detr
+from .wrapper import INPUT_NAMES, per_image_feature_module, output_names, trace_detr
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -43,6 +44,8 @@ EXPORT_FORMATS: Tuple[str, ...] = ("torchscript", "onnx")
 MIN_ONNX_OPSET = 17
 # Example sizes (h, w) of the two padded images the graph is traced on: different sizes, not multiples of 32.
 _EXAMPLE_SIZES = ((128, 160), (97, 131))
+# Meta-architectures d2_detr.export exports.
+_EXPORTABLE = {"Detr": Detr, "DeformableDetr": DeformableDetr}
 
 
 class ExportError(ValueError):
@@ -51,9 +54,10 @@ class ExportError(ValueError):
 
 def check_exportable_config(cfg: CfgNode) -> None:
     """Raise :class:`ExportError` if a model built from ``cfg`` cannot be exported (check before building it)."""
-    if cfg.MODEL.META_ARCHITECTURE != "Detr":
+    if cfg.MODEL.META_ARCHITECTURE not in _EXPORTABLE:
         raise ExportError(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}: d2_detr.export exports the "
-                          "Detr meta-architecture only; use a DETR config (e.g. configs/detr_r50.yaml).")
+                          f"{' and '.join(_EXPORTABLE)} meta-architectures only; use a DETR or Deformable DETR config "
+                          "(e.g. configs/detr_r50.yaml, configs/deformable_detr_r50.yaml).")
     if cfg.MODEL.DETR.COMPILE_TRANSFORMER:
         raise ExportError("MODEL.DETR.COMPILE_TRANSFORMER=True: a torch.compile'd transformer cannot be traced "
                           "for export (its graph belongs to the compiler). Export with the override "
@@ -69,38 +73,37 @@ def check_exportable_config(cfg: CfgNode) -> None:
 
 
 def check_exportable_model(model: nn.Module) -> None:
-    """Raise :class:`ExportError` if ``model`` cannot be exported: not a ``Detr``, a compiled transformer, panoptic
-    post-processing, or a backbone whose feature sizes break the rule the graph pads by."""
-    if not isinstance(model, Detr):
-        raise ExportError(f"d2_detr.export exports Detr models, not {type(model).__name__}; "
-                          "set MODEL.META_ARCHITECTURE Detr.")
+    """Raise :class:`ExportError` if ``model`` cannot be exported: not a ``Detr`` or ``DeformableDetr``, a compiled
+    transformer, panoptic post-processing, or a backbone whose feature sizes break the rule the graph pads by."""
+    if not isinstance(model, tuple(_EXPORTABLE.values())):
+        raise ExportError(f"d2_detr.export exports {' and '.join(_EXPORTABLE)} models, not {type(model).__name__}; "
+                          f"set MODEL.META_ARCHITECTURE to one of them.")
     if getattr(model.transformer, "_compiled_call_impl", None) is not None:
         raise ExportError("the transformer is compiled (MODEL.DETR.COMPILE_TRANSFORMER=True): a torch.compile'd "
                           "module cannot be traced for export; build the model with "
                           "MODEL.DETR.COMPILE_TRANSFORMER False.")
-    if getattr(model.mask_postprocessor, "panoptic_on", False):
+    if getattr(getattr(model, "mask_postprocessor", None), "panoptic_on", False):
         raise ExportError("MODEL.DETR.PANOPTIC_ON=True: the panoptic post-processing cannot be exported (a "
                           "data-dependent Python loop); export with MODEL.DETR.PANOPTIC_ON False and run "
                           "d2_detr.modeling.segmentation_inference.panoptic_inference on the exported outputs.")
     _check_backbone_sizes(model)
 
 
-def _check_backbone_sizes(model: Detr) -> None:
+def _check_backbone_sizes(model: nn.Module) -> None:
     """The exported graph pads each image's features to ceil(H / stride) x ceil(W / stride), the padding mask's
     rule; a backbone giving other sizes would misplace or cut features, so it is refused here."""
-    names = [model.in_feature] + (list(model.mask_head.in_features) if model.mask_head else [])
-    shapes = model.backbone.output_shape()
+    features, strides, _ = per_image_feature_module(model)
     h, w = _EXAMPLE_SIZES[1]
     image = torch.zeros(1, 3, h, w, device=model.device)
     with torch.no_grad():
-        maps = BackboneFeatures(model.backbone, names, channels_last=False)(image)
-    for name, feature in zip(names, maps):
-        stride = shapes[name].stride
+        maps = features(image)
+    for level, (feature, stride) in enumerate(zip(maps, strides)):
         expected = (math.ceil(h / stride), math.ceil(w / stride))
         if tuple(feature.shape[-2:]) != expected:
             raise ExportError(
                 f"backbone {type(model.backbone).__name__} (MODEL.BACKBONE.NAME) gives a {h}x{w} image "
-                f"{tuple(feature.shape[-2:])} '{name}' cells, not ceil(size / stride {stride}) = {expected}: the "
+                f"{tuple(feature.shape[-2:])} cells in feature map {level}, not ceil(size / stride {stride}) = "
+                f"{expected}: the "
                 "exported graph runs the backbone on each image alone and pads its features to ceil(H / stride) x "
                 "ceil(W / stride) cells (the padding mask's rule), so this backbone cannot be exported. Use a "
                 "backbone that pads as Detectron2's ResNet does (every stride-s layer gives ceil(size / s)).")
@@ -165,7 +168,7 @@ def _check_opset(opset: int) -> None:
 
 
 def export_model(model: nn.Module, fmt: str, output_dir: str, opset: int = MIN_ONNX_OPSET) -> str:
-    """Export ``model`` (a ``Detr``; put in eval mode) to ``output_dir`` in format ``fmt``; returns the file's path.
+    """Export ``model`` (a ``Detr`` or ``DeformableDetr``; put in eval mode) to ``output_dir`` in format ``fmt``; returns the file's path.
 
     Raises :class:`ExportError` for an unknown format or a model that cannot be exported.
     """
@@ -188,6 +191,6 @@ def export_model(model: nn.Module, fmt: str, output_dir: str, opset: int = MIN_O
     if fmt == "torchscript":
         export_torchscript(module, path)
     else:
-        export_onnx(module, inputs, path, with_masks=model.mask_head is not None, opset=opset)
+        export_onnx(module, inputs, path, with_masks=getattr(model, "mask_head", None) is not None, opset=opset)
     logger.info("Exported %s to %s (%.1f MB)", fmt, path, os.path.getsize(path) / 2**20)
     return path

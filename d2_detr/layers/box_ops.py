@@ -9,6 +9,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .tracing import static_size
+
 __all__ = [
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
@@ -45,7 +47,7 @@ def refine_boxes(deltas: Tensor, reference: Tensor, eps: float = 1e-5) -> Tensor
     ``reference`` points ``(..., 2)`` (cx, cy) or boxes ``(..., 4)``, in inverse-sigmoid space:
     ``sigmoid(deltas + inverse_sigmoid(reference, eps))``, the reference added to the centre only when it is a
     point (``eps``: 1e-5 in Deformable DETR, 1e-3 in DINO)."""
-    if reference.shape[-1] == 2:
+    if static_size(reference, -1) == 2:
         return torch.cat([deltas[..., :2] + inverse_sigmoid(reference, eps), deltas[..., 2:]], dim=-1).sigmoid()
     return (deltas + inverse_sigmoid(reference, eps)).sigmoid()
 

@@ -21,6 +21,7 @@ from .attention import FusedMultiheadAttention, with_pos_embed
 from .box_ops import refine_boxes
 from .deformable_attention import MultiScaleDeformableAttention
 from .linear import Linear
+from .tracing import static_size
 
 __all__ = [
     "DeformableDecoder",
@@ -57,7 +58,7 @@ def level_reference_points(spatial_shapes: Sequence[Tuple[int, int]], valid_rati
 def scale_to_levels(reference: Tensor, valid_ratios: Tensor) -> Tensor:
     """(B, N, 2) points or (B, N, 4) boxes normalised to the unpadded area -> (B, N, L, 2 or 4) normalised to each
     level's padded map (every coordinate times the valid ratio of its axis)."""
-    ratios = valid_ratios if reference.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)  # (B, L, 2|4)
+    ratios = valid_ratios if static_size(reference, -1) == 2 else torch.cat([valid_ratios, valid_ratios], -1)  # (B, L, 2|4)
     return reference[:, :, None] * ratios[:, None]
 
 

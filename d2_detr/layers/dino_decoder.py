@@ -34,7 +34,8 @@ class DinoDecoder(nn.Module):
 
     Before each layer the positional query is ``ref_point_head(sine embedding of the reference box)``. Departure, so
     that detections do not depend on batch neighbours: the box embedded is normalised to the image's unpadded area
-    (the original embeds it as scaled to the batch's padded first level); for an image alone both are the same. After it, the shared ``box_head`` refines the reference box from the layer's output:
+    (the original embeds it as scaled to the batch's padded first level); for an image alone both are the same.
+    After it, the shared ``box_head`` refines the reference box from the layer's output:
     ``refined = refine_boxes(box_head(output), reference)``; ``refined.detach()`` is the next layer's reference.
     Every layer's output goes through one shared LayerNorm (``norm``) before the prediction heads.
 

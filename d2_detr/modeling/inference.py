@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..layers.tracing import static_size
+
 __all__ = ["select_batch_predictions", "select_predictions"]
 
 
@@ -34,8 +36,8 @@ def select_batch_predictions(
         scores, labels = prob.max(dim=-1)  # (B, Q)
         queries = torch.arange(prob.shape[1], device=prob.device).expand_as(labels)  # (B, Q)
         return scores, labels, boxes, queries
-    num_classes = prob.shape[-1]
-    k = min(topk, prob.shape[1] * num_classes)
+    num_classes = static_size(prob, -1)  # sizes fixed by the model: constants in a traced graph
+    k = min(topk, static_size(prob, 1) * num_classes)
     scores, flat_idx = prob.flatten(1).topk(k, dim=1)  # (B, k)
     queries = torch.div(flat_idx, num_classes, rounding_mode="floor")
     labels = flat_idx % num_classes
