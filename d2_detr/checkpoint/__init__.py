@@ -1,4 +1,4 @@
-"""Checkpoint conversion: original DETR, Deformable DETR and torchvision ResNet weights to d2_detr's names."""
+"""Checkpoint conversion: original DETR, Deformable DETR, DINO and torchvision ResNet weights to d2_detr's names."""
 from .convert import (
     COCO_NO_OBJECT_ROW,
     COCO_PANOPTIC_NO_OBJECT_ROW,
@@ -10,6 +10,7 @@ from .convert import (
     resnet_depth,
     save_converted_checkpoint,
 )
+from .convert_dino import convert_dino_state_dict, is_dino_state_dict
 from .convert_deformable import (
     COCO_SIGMOID_HEAD_ROWS,
     coco_sigmoid_class_head_rows,
@@ -27,9 +28,11 @@ __all__ = [
     "coco_sigmoid_class_head_rows",
     "convert_deformable_detr_state_dict",
     "convert_detr_state_dict",
+    "convert_dino_state_dict",
     "convert_torchvision_resnet_state_dict",
     "deformable_detr_variant",
     "is_deformable_detr_state_dict",
+    "is_dino_state_dict",
     "load_state_dict_file",
     "resnet_depth",
     "save_converted_checkpoint",

@@ -25,8 +25,8 @@ REFERENCE_EPS = 1e-3
 
 def box_query_pos_embedding(boxes: Tensor, d_model: int) -> Tensor:
     """Sine embedding (B, Q, 2d) of boxes (B, Q, 4) (cx, cy, w, h): the ``d_model / 2`` sine features of each of
-    cy, cx, w, h (in that order, as the original code) scaled by 2*pi."""
-    return sine_box_embedding(boxes[..., [1, 0, 2, 3]], d_model // 2)
+    cy, cx, w, h (in that order, as the original code) scaled by 2*pi, in the boxes' dtype."""
+    return sine_box_embedding(boxes[..., [1, 0, 2, 3]], d_model // 2).to(boxes.dtype)
 
 
 class DinoDecoder(nn.Module):
