@@ -92,18 +92,17 @@ def check_exportable_model(model: nn.Module) -> None:
 def _check_backbone_sizes(model: nn.Module) -> None:
     """The exported graph pads each image's features to ceil(H / stride) x ceil(W / stride), the padding mask's
     rule; a backbone giving other sizes would misplace or cut features, so it is refused here."""
-    features, strides, _ = per_image_feature_module(model)
+    features, names, strides, _ = per_image_feature_module(model)
     h, w = _EXAMPLE_SIZES[1]
     image = torch.zeros(1, 3, h, w, device=model.device)
     with torch.no_grad():
         maps = features(image)
-    for level, (feature, stride) in enumerate(zip(maps, strides)):
+    for name, feature, stride in zip(names, maps, strides):
         expected = (math.ceil(h / stride), math.ceil(w / stride))
         if tuple(feature.shape[-2:]) != expected:
             raise ExportError(
                 f"backbone {type(model.backbone).__name__} (MODEL.BACKBONE.NAME) gives a {h}x{w} image "
-                f"{tuple(feature.shape[-2:])} cells in feature map {level}, not ceil(size / stride {stride}) = "
-                f"{expected}: the "
+                f"{tuple(feature.shape[-2:])} '{name}' cells, not ceil(size / stride {stride}) = {expected}: the "
                 "exported graph runs the backbone on each image alone and pads its features to ceil(H / stride) x "
                 "ceil(W / stride) cells (the padding mask's rule), so this backbone cannot be exported. Use a "
                 "backbone that pads as Detectron2's ResNet does (every stride-s layer gives ceil(size / s)).")

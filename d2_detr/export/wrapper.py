@@ -256,15 +256,16 @@ class DeformableDetrExportWrapper(_ExportWrapper):
         return self.model.predict_from_levels(maps, masks)
 
 
-def per_image_feature_module(model: nn.Module) -> Tuple[nn.Module, List[int], List[int]]:
-    """The per-image feature module of ``model`` and the strides and channels of its outputs."""
+def per_image_feature_module(model: nn.Module) -> Tuple[nn.Module, List[str], List[int], List[int]]:
+    """The per-image feature module of ``model``, and the names, strides and channels of its outputs."""
     if isinstance(model, DeformableDetr):
-        width = model.transformer.d_model
-        return LevelFeatures(model), list(model.level_strides), [width] * len(model.level_strides)
+        num_levels = len(model.level_strides)
+        names = [f"level {i}" for i in range(num_levels)]
+        return LevelFeatures(model), names, list(model.level_strides), [model.transformer.d_model] * num_levels
     names = [model.in_feature] + (list(model.mask_head.in_features) if model.mask_head else [])
     shapes = model.backbone.output_shape()
     features = BackboneFeatures(model.backbone, names, model.channels_last)
-    return features, [shapes[n].stride for n in names], [shapes[n].channels for n in names]
+    return features, names, [shapes[n].stride for n in names], [shapes[n].channels for n in names]
 
 
 def trace_detr(model: nn.Module, images: Tensor, image_sizes: Tensor) -> torch.jit.ScriptModule:
@@ -280,7 +281,7 @@ def trace_detr(model: nn.Module, images: Tensor, image_sizes: Tensor) -> torch.j
         images: (B, 3, H, W) example pixels; best a padded batch of images of different sizes.
         image_sizes: (B, 2) int64 example sizes.
     """
-    features, strides, channels = per_image_feature_module(model)
+    features, _, strides, channels = per_image_feature_module(model)
     wrapper_cls = DeformableDetrExportWrapper if isinstance(model, DeformableDetr) else DetrExportWrapper
     h, w = (int(v) for v in image_sizes[0])
     with warnings.catch_warnings(), torch.no_grad():
