@@ -14,8 +14,8 @@
 
 DETR's COCO class head (92 rows indexed by COCO category id) becomes Detectron2's 80 contiguous classes +
 "no object" (a panoptic DETRsegm head of 251 rows: its 133 panoptic classes + "no object", and the mask head
-is kept); Deformable DETR's and DINO's 91-row sigmoid heads become the 80 classes. ``--keep-class-head`` keeps them (and any
-other head) as they are.
+is kept); Deformable DETR's and DINO's 91-row sigmoid heads become the 80 classes. ``--keep-class-head`` keeps
+them (and any other head) as they are.
 """
 import argparse
 import logging

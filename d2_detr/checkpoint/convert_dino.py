@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["convert_dino_state_dict", "is_dino_state_dict"]
 
 _KEPT_MODULES = ("transformer", "input_proj", "label_enc", "class_embed", "bbox_embed")
-_RENAMED = {"transformer.enc_out_class_embed.": "enc_class_embed.", "transformer.enc_out_bbox_embed.": "enc_bbox_embed."}
+_RENAMED = {"transformer.enc_out_class_embed.": "enc_class_embed.",
+            "transformer.enc_out_bbox_embed.": "enc_bbox_embed."}
 _REQUIRED_KEYS = ("backbone.0.body.conv1.weight", "input_proj.0.0.weight", "transformer.level_embed",
                   "label_enc.weight", "class_embed.0.weight", "bbox_embed.0.layers.0.weight")
 
