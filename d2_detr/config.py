@@ -55,6 +55,8 @@ def add_detr_config(cfg: CN) -> None:
     # Sine encoding: added to the cell positions (1, 2, ...) before they are normalised. 0.0 for DETR (the last
     # cell sits at 2*pi); -0.5 for Deformable DETR (cell centres), as its original code.
     detr.POSITION_EMBEDDING_OFFSET = 0.0
+    # Sine encoding: base of the geometric progression of wavelengths (10000 in DETR and Deformable DETR, 20 in DINO).
+    detr.POSITION_EMBEDDING_TEMPERATURE = 10000.0
 
     # ---- set loss ----
     # Registered name of the set criterion (d2_detr.modeling.criterion.DETR_CRITERION_REGISTRY).
@@ -150,6 +152,7 @@ def add_detr_config(cfg: CN) -> None:
     detr.PANOPTIC_MIN_AREA = 5
 
     _add_deformable_detr_config(cfg)
+    _add_dino_config(cfg)
 
     # ---- data ----
     # Check of the datasets when training starts (DATASETS.TRAIN as the train loader gets them, and DATASETS.TEST),
@@ -307,3 +310,29 @@ def load_config(config_file: Optional[str], opts: Sequence[str] = (), freeze: bo
     if freeze:
         cfg.freeze()
     return cfg
+def _add_dino_config(cfg: CN) -> None:
+    """Keys of ``Dino`` (d2_detr.modeling.dino), one switch per ingredient of the paper.
+
+    DINO also reads the MODEL.DETR keys (sizes, NUM_CLASSES, NUM_OBJECT_QUERIES, loss and cost weights, TEST_TOPK)
+    and MODEL.DEFORMABLE_DETR's IN_FEATURES, NUM_FEATURE_LEVELS, ENC_N_POINTS and DEC_N_POINTS, with its recipe's
+    values in configs/Base-DINO.yaml.
+    """
+    cfg.MODEL.DINO = CN()
+    dino = cfg.MODEL.DINO
+    # Contrastive denoising: positive noised copies of the ground truth per image, about (as many negatives are
+    # added); they form DN_NUMBER // (most boxes of an image in the batch) groups. 0 turns denoising off.
+    dino.DN_NUMBER = 100
+    # Denoising: a copy's label is replaced by a random one with probability DN_LABEL_NOISE_RATIO / 2.
+    dino.DN_LABEL_NOISE_RATIO = 0.5
+    # Denoising: lambda of the box noise; a positive copy's corners move by less than lambda times half the box's
+    # size, a negative's by between lambda and 2 lambda times it.
+    dino.DN_BOX_NOISE_SCALE = 0.4
+    # Denoising: labels embedded as content queries (DN_LABELBOOK_SIZE + 1 rows) and drawn by the label noise;
+    # must be >= MODEL.DETR.NUM_CLASSES (91 in the original COCO setting; keep 91 to load its checkpoints).
+    dino.DN_LABELBOOK_SIZE = 91
+    # How the decoder's queries are made: "mixed" (the paper's: reference boxes from the top encoder cells, learned
+    # content queries), "pure" (both from the top encoder cells, as Deformable DETR's two-stage) or "static"
+    # (learned reference boxes and content queries, no encoder selection and no encoder loss).
+    dino.QUERY_SELECTION = "mixed"
+    # Look forward twice: layer i's box loss also trains layer i-1 through its (undetached) refined box.
+    dino.LOOK_FORWARD_TWICE = True

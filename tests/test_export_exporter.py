@@ -91,7 +91,7 @@ def test_compiled_transformer_cannot_be_exported():
 def test_other_meta_architecture_is_refused():
     cfg = get_cfg()
     add_detr_config(cfg)
-    with pytest.raises(ExportError, match="exports the Detr and DeformableDetr meta-architectures only"):
+    with pytest.raises(ExportError, match="exports the Detr, DeformableDetr, Dino meta-architectures only"):
         check_exportable_config(cfg)
 
 

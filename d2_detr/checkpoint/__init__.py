@@ -1,5 +1,5 @@
 """Checkpoints: loading with clear errors (strictly for evaluation and inference), conversion of original
-DETR, Deformable DETR and torchvision ResNet weights to d2_detr's names, and ``torchvision://`` weights paths
+DETR, Deformable DETR, DINO and torchvision ResNet weights to d2_detr's names, and ``torchvision://`` weights paths
 (registered on Detectron2's PathManager on import)."""
 from detectron2.utils.file_io import PathManager
 
@@ -16,6 +16,7 @@ from .convert import (
     resnet_depth,
     save_converted_checkpoint,
 )
+from .convert_dino import convert_dino_state_dict, is_dino_state_dict
 from .convert_deformable import (
     COCO_SIGMOID_HEAD_ROWS,
     coco_sigmoid_class_head_rows,
@@ -46,9 +47,11 @@ __all__ = [
     "coco_sigmoid_class_head_rows",
     "convert_deformable_detr_state_dict",
     "convert_detr_state_dict",
+    "convert_dino_state_dict",
     "convert_torchvision_resnet_state_dict",
     "deformable_detr_variant",
     "is_deformable_detr_state_dict",
+    "is_dino_state_dict",
     "load_checkpoint_strict",
     "load_inference_weights",
     "load_state_dict_file",

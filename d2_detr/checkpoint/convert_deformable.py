@@ -27,6 +27,8 @@ __all__ = [
     "convert_deformable_detr_state_dict",
     "deformable_detr_variant",
     "is_deformable_detr_state_dict",
+    "maps_coco_class_head",
+    "rename_original_keys",
 ]
 
 #: Rows of the original Deformable DETR COCO class head (category ids 0..90).
@@ -74,6 +76,58 @@ def _check_head_copies(state_dict: Mapping[str, torch.Tensor]) -> int:
     return len(copies)
 
 
+def rename_original_keys(state_dict: Mapping[str, torch.Tensor], model: str, required: tuple, kept_modules: tuple,
+                         detail: str = "", renamed: Optional[Mapping[str, str]] = None) -> Dict[str, torch.Tensor]:
+    """The original ``model``'s (Deformable DETR, DINO) state dict in d2_detr's names, class heads untouched: the
+    torchvision ResNet under ``backbone.0.body.`` renamed to Detectron2's, the decoder's copies of the heads checked
+    and dropped, keys starting with a key of ``renamed`` given its value instead, modules ``kept_modules`` kept.
+
+    Raises:
+        ValueError: if ``required`` keys are missing or other keys have no counterpart.
+    """
+    hint = " Pass the checkpoint's 'model' entry, not the whole checkpoint." if "model" in state_dict else ""
+    _check_keys(state_dict, required, f"an original {model} model state dict", hint)
+    num_copies = _check_head_copies(state_dict)
+    unknown: List[str] = []
+    converted = _convert_resnet(state_dict, _BACKBONE_PREFIX, "backbone.", unknown)
+    num_backbone = len(converted)
+    renamed = renamed or {}
+    for key, value in state_dict.items():
+        if key.startswith((_BACKBONE_PREFIX, *_DECODER_HEAD_COPIES)):
+            continue
+        new_key = next((new + key[len(old):] for old, new in renamed.items() if key.startswith(old)), key)
+        if new_key != key or key.split(".", 1)[0] in kept_modules:
+            converted[new_key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        expected = f"torchvision ResNet keys under '{_BACKBONE_PREFIX}' and modules {list(kept_modules)}"
+        raise _unknown_keys_error(unknown, f"the {model} state dict", expected)
+    logger.info("%s checkpoint %s: %d backbone tensors renamed from torchvision's ResNet to Detectron2's, %d kept as "
+                "they are, %d decoder copies of the heads dropped", model, detail, num_backbone,
+                len(converted) - num_backbone, num_copies)
+    return converted
+
+
+def maps_coco_class_head(converted: Mapping[str, torch.Tensor], coco_class_head: Optional[bool]) -> bool:
+    """Whether to map the 91-row COCO class heads of ``converted`` to Detectron2's 80 classes: ``coco_class_head``,
+    or when None whether ``class_embed.0`` has 91 rows.
+
+    Raises:
+        ValueError: if ``coco_class_head`` is True for heads without 91 rows.
+    """
+    rows = converted["class_embed.0.weight"].shape[0]
+    if coco_class_head is None:
+        coco_class_head = rows == COCO_SIGMOID_HEAD_ROWS
+    if not coco_class_head:
+        logger.info("Class heads kept: %d rows; use MODEL.DETR.NUM_CLASSES %d", rows, rows)
+        return False
+    if rows != COCO_SIGMOID_HEAD_ROWS:
+        raise ValueError(f"coco_class_head=True needs the original COCO class heads of {COCO_SIGMOID_HEAD_ROWS} rows, "
+                         f"got {rows} rows")
+    return True
+
+
 def convert_deformable_detr_state_dict(
     state_dict: Mapping[str, torch.Tensor], coco_class_head: Optional[bool] = None
 ) -> Dict[str, torch.Tensor]:
@@ -91,41 +145,17 @@ def convert_deformable_detr_state_dict(
         ValueError: if ``state_dict`` does not look like an original Deformable DETR state dict, has keys with no
             counterpart in ``DeformableDetr``, or ``coco_class_head`` is True for heads without 91 rows.
     """
-    hint = " Pass the checkpoint's 'model' entry, not the whole checkpoint." if "model" in state_dict else ""
-    _check_keys(state_dict, _REQUIRED_KEYS, "an original Deformable DETR model state dict", hint)
-    num_copies = _check_head_copies(state_dict)
-    unknown: List[str] = []
-    converted = _convert_resnet(state_dict, _BACKBONE_PREFIX, "backbone.", unknown)
-    num_backbone = len(converted)
-    for key, value in state_dict.items():
-        if key.startswith((_BACKBONE_PREFIX, *_DECODER_HEAD_COPIES)):
-            continue
-        if key.split(".", 1)[0] in _KEPT_MODULES:
-            converted[key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise _unknown_keys_error(unknown, "the Deformable DETR state dict",
-                                  f"torchvision ResNet keys under '{_BACKBONE_PREFIX}' and modules {list(_KEPT_MODULES)}")
-    logger.info("Deformable DETR checkpoint (%s): %d backbone tensors renamed from torchvision's ResNet to "
-                "Detectron2's, %d kept as they are, %d decoder copies of the heads dropped",
-                deformable_detr_variant(state_dict), num_backbone, len(converted) - num_backbone, num_copies)
+    converted = rename_original_keys(state_dict, "Deformable DETR", _REQUIRED_KEYS, _KEPT_MODULES,
+                                     f"({deformable_detr_variant(state_dict)})")
     heads = [k for k in converted if k.startswith("class_embed.")]
-    rows = converted["class_embed.0.weight"].shape[0]
-    if coco_class_head is None:
-        coco_class_head = rows == COCO_SIGMOID_HEAD_ROWS
-    if not coco_class_head:
-        logger.info("Class heads kept: %d rows; use MODEL.DETR.NUM_CLASSES %d", rows, rows)
+    if not maps_coco_class_head(converted, coco_class_head):
         return converted
-    if rows != COCO_SIGMOID_HEAD_ROWS:
-        raise ValueError(f"coco_class_head=True needs the original COCO class heads of {COCO_SIGMOID_HEAD_ROWS} rows, "
-                         f"got {rows} rows")
     proposal_head = _proposal_class_head(converted)
     for name in heads:
         index = torch.as_tensor(coco_sigmoid_class_head_rows(proposal_head=name.startswith(proposal_head or "-")))
         converted[name] = converted[name].index_select(0, index.to(converted[name].device))
     logger.info("Class heads: %d rows indexed by COCO category id -> %d (Detectron2's contiguous COCO classes%s); "
-                "use MODEL.DETR.NUM_CLASSES %d", rows, len(index),
+                "use MODEL.DETR.NUM_CLASSES %d", COCO_SIGMOID_HEAD_ROWS, len(index),
                 f"; {proposal_head}* scores proposals with row 0" if proposal_head else "", len(index))
     return converted
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..env import import_optional, require_extra
 from ..modeling.deformable_detr import DeformableDetr
 from ..modeling.detr import Detr
+from ..modeling.dino import Dino
 from .wrapper import INPUT_NAMES, per_image_feature_module, output_names, trace_detr
 
 __all__ = [
@@ -46,7 +47,7 @@ MIN_ONNX_OPSET = 17
 # Example sizes (h, w) of the two padded images the graph is traced on: different sizes, not multiples of 32.
 _EXAMPLE_SIZES = ((128, 160), (97, 131))
 # Meta-architectures d2_detr.export exports.
-_EXPORTABLE = {"Detr": Detr, "DeformableDetr": DeformableDetr}
+_EXPORTABLE = {"Detr": Detr, "DeformableDetr": DeformableDetr, "Dino": Dino}
 
 
 class ExportError(ValueError):
@@ -57,7 +58,7 @@ def check_exportable_config(cfg: CfgNode) -> None:
     """Raise :class:`ExportError` if a model built from ``cfg`` cannot be exported (check before building it)."""
     if cfg.MODEL.META_ARCHITECTURE not in _EXPORTABLE:
         raise ExportError(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}: d2_detr.export exports the "
-                          f"{' and '.join(_EXPORTABLE)} meta-architectures only; use a DETR or Deformable DETR config "
+                          f"{', '.join(_EXPORTABLE)} meta-architectures only; use a DETR, Deformable DETR or DINO config "
                           "(e.g. configs/detr_r50.yaml, configs/deformable_detr_r50.yaml).")
     if cfg.MODEL.DETR.COMPILE_TRANSFORMER:
         raise ExportError("MODEL.DETR.COMPILE_TRANSFORMER=True: a torch.compile'd transformer cannot be traced "
@@ -77,7 +78,7 @@ def check_exportable_model(model: nn.Module) -> None:
     """Raise :class:`ExportError` if ``model`` cannot be exported: not a ``Detr`` or ``DeformableDetr``, a compiled
     transformer, panoptic post-processing, or a backbone whose feature sizes break the rule the graph pads by."""
     if not isinstance(model, tuple(_EXPORTABLE.values())):
-        raise ExportError(f"d2_detr.export exports {' and '.join(_EXPORTABLE)} models, not {type(model).__name__}; "
+        raise ExportError(f"d2_detr.export exports {', '.join(_EXPORTABLE)} models, not {type(model).__name__}; "
                           f"set MODEL.META_ARCHITECTURE to one of them.")
     if getattr(model.transformer, "_compiled_call_impl", None) is not None:
         raise ExportError("the transformer is compiled (MODEL.DETR.COMPILE_TRANSFORMER=True): a torch.compile'd "

@@ -60,7 +60,8 @@ class FusedMultiheadAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, self.head_dim)).permute(1, 2, 0, 3)
 
     def forward(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """
         Args:
@@ -69,6 +70,7 @@ class FusedMultiheadAttention(nn.Module):
             key: (S, B, d).
             value: (S, B, d).
             key_padding_mask: (B, S) bool, True on keys to ignore; every query must keep at least one key.
+            attn_mask: (L, S) bool, True where a query must not see a key (same for every image and head).
 
         Returns:
             (L, B, d) attention output.
@@ -80,12 +82,14 @@ class FusedMultiheadAttention(nn.Module):
             q = linear(query, w[:d], b[:d], onednn)  # (L, B, d)
             k = linear(key, w[d : 2 * d], b[d : 2 * d], onednn)  # (S, B, d)
         v = linear(value, w[2 * d :], b[2 * d :], onednn)  # (S, B, d)
-        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+        allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+        if attn_mask is not None:
+            allowed = ~attn_mask if allowed is None else allowed & ~attn_mask  # (L, S) or (B, 1, L, S)
         out = F.scaled_dot_product_attention(
             self._split_heads(q),
             self._split_heads(k),
             self._split_heads(v),
-            attn_mask=attn_mask,
+            attn_mask=allowed,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, num_heads, L, head_dim)
         return self.out_proj(out.permute(2, 0, 1, 3).flatten(2))  # (L, B, d)

@@ -42,13 +42,14 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def refine_boxes(deltas: Tensor, reference: Tensor) -> Tensor:
+def refine_boxes(deltas: Tensor, reference: Tensor, eps: float = 1e-5) -> Tensor:
     """Normalised cxcywh boxes ``(..., 4)`` from a box head's outputs ``deltas`` ``(..., 4)`` relative to
     ``reference`` points ``(..., 2)`` (cx, cy) or boxes ``(..., 4)``, in inverse-sigmoid space:
-    ``sigmoid(deltas + inverse_sigmoid(reference))``, the reference added to the centre only when it is a point."""
+    ``sigmoid(deltas + inverse_sigmoid(reference, eps))``, the reference added to the centre only when it is a
+    point (``eps``: 1e-5 in Deformable DETR, 1e-3 in DINO)."""
     if static_size(reference, -1) == 2:
-        return torch.cat([deltas[..., :2] + inverse_sigmoid(reference), deltas[..., 2:]], dim=-1).sigmoid()
-    return (deltas + inverse_sigmoid(reference)).sigmoid()
+        return torch.cat([deltas[..., :2] + inverse_sigmoid(reference, eps), deltas[..., 2:]], dim=-1).sigmoid()
+    return (deltas + inverse_sigmoid(reference, eps)).sigmoid()
 
 
 def box_area(boxes: Tensor) -> Tensor:

@@ -154,7 +154,8 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: List[Tuple[int, int]], memory_padding_mask: Optional[Tensor] = None) -> Tensor:
+                spatial_shapes: List[Tuple[int, int]], memory_padding_mask: Optional[Tensor] = None,
+                self_attn_mask: Optional[Tensor] = None) -> Tensor:
         """
         Args:
             tgt: (B, Q, d) query features.
@@ -164,12 +165,14 @@ class DeformableDecoderLayer(nn.Module):
             memory: (B, S, d) encoder output.
             spatial_shapes: (H_l, W_l) of the levels.
             memory_padding_mask: (B, S) bool, True on padded cells.
+            self_attn_mask: (Q, Q) bool, True where a query must not see another in the self-attention (DINO's
+                denoising groups), or None.
 
         Returns:
             (B, Q, d) updated query features.
         """
         q = k = with_pos_embed(tgt, query_pos).transpose(0, 1)  # (Q, B, d): FusedMultiheadAttention is sequence-first
-        attended = self.self_attn(q, k, tgt.transpose(0, 1)).transpose(0, 1)  # (B, Q, d)
+        attended = self.self_attn(q, k, tgt.transpose(0, 1), attn_mask=self_attn_mask).transpose(0, 1)  # (B, Q, d)
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(with_pos_embed(tgt, query_pos), reference_points, memory, spatial_shapes,
                                    memory_padding_mask)

@@ -78,7 +78,8 @@ class PositionEmbeddingSine(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        return {"num_pos_feats": _half_hidden_dim(cfg), "offset": cfg.MODEL.DETR.POSITION_EMBEDDING_OFFSET}
+        return {"num_pos_feats": _half_hidden_dim(cfg), "offset": cfg.MODEL.DETR.POSITION_EMBEDDING_OFFSET,
+                "temperature": cfg.MODEL.DETR.POSITION_EMBEDDING_TEMPERATURE}
 
     def forward(self, mask: Tensor) -> Tensor:
         """

@@ -3,6 +3,8 @@ from . import (  # noqa: F401  (registration)
     backbone,
     criterion,
     deformable_transformer,
+    dino_criterion,
+    dino_transformer,
     focal,
     mask_losses,
     matcher,
@@ -11,6 +13,7 @@ from . import (  # noqa: F401  (registration)
 )
 from .deformable_detr import DeformableDetr
 from .detr import Detr
+from .dino import Dino
 from .registry import (
     DETR_CRITERION_REGISTRY,
     DETR_MASK_HEAD_REGISTRY,
@@ -27,6 +30,7 @@ from .registry import (
 __all__ = [
     "DeformableDetr",
     "Detr",
+    "Dino",
     "DETR_CRITERION_REGISTRY",
     "DETR_MASK_HEAD_REGISTRY",
     "DETR_MATCHER_REGISTRY",

@@ -16,9 +16,10 @@ each process), so with several processes its gradient weights each process's que
 process drew; ``loss_ce_norm_across_processes=False`` (``MODEL.DETR.LOSS_CE_NORM_ACROSS_PROCESSES False``)
 does that.
 
-Outputs with ``"enc_outputs"`` (two-stage models: one prediction per encoder cell) also get the three losses of
-those predictions (suffix ``_enc``), matched and computed against the targets with every label set to 0
-(class-agnostic proposals), with the same normalisers.
+Outputs with ``"enc_outputs"`` (two-stage models: predictions from the encoder output) also get the three losses
+of those predictions (suffix ``_enc``), matched and computed against the targets with every label set to 0
+(class-agnostic proposals; with the target labels when ``class_agnostic_encoder`` is False), with the same
+normalisers.
 """
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -48,6 +49,10 @@ class SetCriterion(nn.Module):
     ``loss_giou_enc`` for ``outputs["enc_outputs"]`` when present); ``metrics`` holds detached,
     logging-only values (``class_error``, ``cardinality_error``) of the last layer.
     """
+
+    #: Supervise ``outputs["enc_outputs"]`` class-agnostically (every label 0: Deformable DETR's two-stage
+    #: proposals) instead of with the target classes (DINO's encoder queries).
+    class_agnostic_encoder: bool = True
 
     @configurable
     def __init__(
@@ -169,11 +174,14 @@ class SetCriterion(nn.Module):
                 metrics = self._metrics(layer_outputs, tgt_labels, flat_indices, sizes)
                 losses.update(self._last_layer_losses(layer_outputs, targets, flat_indices, num_boxes))
         if "enc_outputs" in outputs:
-            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            enc_targets, enc_labels = targets, tgt_labels
+            if self.class_agnostic_encoder:
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+                enc_labels = torch.zeros_like(tgt_labels)
             enc_outputs = outputs["enc_outputs"]
-            (indices,) = self._match([enc_outputs], agnostic)
+            (indices,) = self._match([enc_outputs], enc_targets)
             _, enc_class_weight_sum = self._normalizers(sizes, enc_outputs["pred_logits"].shape[1], device)
-            enc_losses = self._layer_losses(enc_outputs, torch.zeros_like(tgt_labels), tgt_boxes,
+            enc_losses = self._layer_losses(enc_outputs, enc_labels, tgt_boxes,
                                             self._flatten_indices(indices, sizes, device), num_boxes,
                                             enc_class_weight_sum)
             losses.update({k + "_enc": v for k, v in enc_losses.items()})

@@ -26,12 +26,23 @@ from ..layers.padding_mask import feature_padding_mask
 from .registry import build_criterion, build_position_encoding, build_transformer
 from .set_prediction import SetPredictionModel
 
-__all__ = ["DeformableDetr"]
+__all__ = ["DeformableDetr", "prediction_heads"]
 
 # Initial foreground probability of every class logit (the focal-loss prior).
 _PRIOR_PROB = 0.01
 # Initial box-head bias of (w, h): boxes start small (sigmoid(-2) = 0.12) around their reference point.
 _INITIAL_SIZE_BIAS = -2.0
+
+
+def prediction_heads(hidden_dim: int, num_classes: int) -> Tuple[nn.Linear, MLP]:
+    """A class head (d -> K sigmoid logits, bias at the focal prior 0.01) and a box head (3-layer MLP d -> 4 box
+    deltas, last layer zero), initialised as in the original code."""
+    class_head = nn.Linear(hidden_dim, num_classes)
+    nn.init.constant_(class_head.bias, -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB))
+    box_head = MLP(hidden_dim, hidden_dim, 4, 3)
+    nn.init.zeros_(box_head.layers[-1].weight)
+    nn.init.zeros_(box_head.layers[-1].bias)
+    return class_head, box_head
 
 
 @META_ARCH_REGISTRY.register()
@@ -46,6 +57,8 @@ class DeformableDetr(SetPredictionModel):
     """
 
     sigmoid_scores = True
+    #: Learn a (Q, 2d) query embedding unless the transformer is two-stage (False: the transformer owns its queries).
+    learned_query_embed = True
 
     @configurable
     def __init__(self, *, backbone: Backbone, in_features: Sequence[str], position_encoding: nn.Module,
@@ -77,8 +90,9 @@ class DeformableDetr(SetPredictionModel):
                              f"backbone's outputs {sorted(shapes)}; list backbone outputs (MODEL.RESNETS.OUT_FEATURES)")
         for attribute in ("num_feature_levels", "num_decoder_layers", "two_stage", "d_model"):
             if not hasattr(transformer, attribute):
-                raise ValueError(f"DeformableDetr needs a deformable transformer, not {type(transformer).__name__}: "
-                                 "set MODEL.DETR.TRANSFORMER_NAME DeformableTransformer")
+                raise ValueError(f"{type(self).__name__} needs a deformable transformer, not "
+                                 f"{type(transformer).__name__}: set MODEL.DETR.TRANSFORMER_NAME DeformableTransformer "
+                                 "(DinoTransformer for Dino)")
         if getattr(criterion, "num_classes", num_classes) != num_classes:
             raise ValueError(f"The criterion has {criterion.num_classes} classes, the model {num_classes}")
         if transformer.two_stage and transformer.two_stage_num_proposals != num_queries:
@@ -97,7 +111,7 @@ class DeformableDetr(SetPredictionModel):
         self.two_stage = transformer.two_stage
         hidden_dim = transformer.d_model
         self.input_proj = MultiScaleProjection([shapes[name].channels for name in in_features], hidden_dim, num_levels)
-        if not self.two_stage:
+        if self.learned_query_embed and not self.two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
         self.class_embed, self.bbox_embed = self._heads(hidden_dim, num_classes)
 
@@ -105,11 +119,7 @@ class DeformableDetr(SetPredictionModel):
         """Class and box heads of every decoder layer (and, two-stage, of the proposals last), initialised as in the
         original: the class bias at the prior 0.01, the last box layer zero but for a (w, h) bias of -2 (in the
         first head only with refinement, in none when two-stage)."""
-        class_head = nn.Linear(hidden_dim, num_classes)
-        nn.init.constant_(class_head.bias, -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB))
-        box_head = MLP(hidden_dim, hidden_dim, 4, 3)
-        nn.init.zeros_(box_head.layers[-1].weight)
-        nn.init.zeros_(box_head.layers[-1].bias)
+        class_head, box_head = prediction_heads(hidden_dim, num_classes)
         num_heads = self.transformer.num_decoder_layers + int(self.two_stage)
         if self.with_box_refine:
             class_heads = nn.ModuleList(copy.deepcopy(class_head) for _ in range(num_heads))
@@ -145,10 +155,15 @@ class DeformableDetr(SetPredictionModel):
         """Raw predictions: pred_logits (B, Q, K), pred_boxes (B, Q, 4) normalised cxcywh of the last decoder layer;
         in training also aux_outputs (the earlier layers') and, two-stage, enc_outputs (the proposals at every
         encoder cell: pred_logits (B, S, K), pred_boxes (B, S, 4))."""
-        levels = self.level_features(images)  # L x (B, d, H_l, W_l)
+        return self.predict_from_levels(*self.levels_and_masks(images))
+
+    def levels_and_masks(self, images: ImageList) -> Tuple[List[Tensor], List[Tensor]]:
+        """The transformer's input levels (B, d, H_l, W_l) (:meth:`level_features`) and their padding masks
+        (B, H_l, W_l)."""
+        levels = self.level_features(images)
         masks = [feature_padding_mask(images.image_sizes, level.shape[-2:], stride, self.device)
-                 for level, stride in zip(levels, self.level_strides)]  # L x (B, H_l, W_l)
-        return self.predict_from_levels(levels, masks)
+                 for level, stride in zip(levels, self.level_strides)]
+        return levels, masks
 
     def level_features(self, images: ImageList) -> List[Tensor]:
         """The transformer's input levels (B, d, H_l, W_l): the projected backbone features, then the extra levels.

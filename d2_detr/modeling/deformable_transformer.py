@@ -8,7 +8,7 @@ Two-stage departure, so that detections do not depend on batch neighbours: padde
 top-scoring proposals (the original could pick them in a padded batch); an image alone is unaffected.
 """
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -24,7 +24,8 @@ from ..layers.deformable_transformer import (
 from ..layers.position_encoding import sine_box_embedding
 from .registry import DETR_TRANSFORMER_REGISTRY, transformer_size_args
 
-__all__ = ["DeformableTransformer", "encoder_proposals", "valid_ratios"]
+__all__ = ["DeformableTransformer", "deformable_layers", "deformable_size_args", "encode_levels", "encoder_predictions", "encoder_proposals", "top_cells",
+           "reset_deformable_parameters", "valid_ratios"]
 
 # Proposals whose normalised coordinates all lie strictly inside (low, high) are valid (the original's bounds).
 _PROPOSAL_BOUNDS = (0.01, 0.99)
@@ -72,6 +73,89 @@ def encoder_proposals(masks: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     return proposals, usable
 
 
+def deformable_size_args(cfg, name: str) -> dict:
+    """The constructor arguments of a deformable transformer (named ``name`` in errors) read from the config:
+    :func:`~d2_detr.modeling.registry.transformer_size_args`, the feature levels and the sampling points."""
+    deformable = cfg.MODEL.DEFORMABLE_DETR
+    if cfg.MODEL.DETR.PRE_NORM:
+        raise ValueError(f"MODEL.DETR.PRE_NORM=True: {name} has post-norm layers only; set it False")
+    return {
+        **transformer_size_args(cfg),
+        "num_feature_levels": deformable.NUM_FEATURE_LEVELS,
+        "enc_n_points": deformable.ENC_N_POINTS,
+        "dec_n_points": deformable.DEC_N_POINTS,
+    }
+
+
+def deformable_layers(d_model: int, nhead: int, num_encoder_layers: int, dim_feedforward: int, dropout: float,
+                      num_feature_levels: int, enc_n_points: int, dec_n_points: int,
+                      onednn_linear: bool) -> Tuple[DeformableEncoder, DeformableDecoderLayer]:
+    """The deformable encoder and one decoder layer (for the decoder to copy), of the given sizes (see
+    :class:`DeformableTransformer`)."""
+    if d_model % nhead != 0:
+        raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead}) (MODEL.DETR.HIDDEN_DIM, NHEADS)")
+    encoder_layer = DeformableEncoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, enc_n_points,
+                                           onednn_linear)
+    decoder_layer = DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, dec_n_points,
+                                           onednn_linear)
+    return DeformableEncoder(encoder_layer, num_encoder_layers), decoder_layer
+
+
+def reset_deformable_parameters(transformer: nn.Module) -> None:
+    """The original initialisation of a deformable transformer: Xavier-uniform matrices, the deformable attentions'
+    own initialisation, a standard-normal ``level_embed``."""
+    for p in transformer.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for module in transformer.modules():
+        if isinstance(module, MultiScaleDeformableAttention):
+            module.reset_parameters()
+    nn.init.normal_(transformer.level_embed)
+
+
+def encode_levels(encoder: nn.Module, level_embed: Tensor, srcs: List[Tensor], masks: List[Tensor],
+                  pos_embeds: List[Tensor]) -> Tuple[Tensor, List[Tuple[int, int]], Tensor, Tensor]:
+    """Flatten the L levels (adding ``level_embed[l]`` (L, d) to level l's position encoding) and encode them.
+
+    Args:
+        encoder: a :class:`~d2_detr.layers.deformable_transformer.DeformableEncoder`.
+        srcs: L levels (B, d, H_l, W_l); masks: their padding masks (B, H_l, W_l); pos_embeds: their position
+            encodings (B, d, H_l, W_l).
+
+    Returns:
+        memory (B, S, d), spatial_shapes [(H_l, W_l)], valid ratios (B, L, 2), flat padding mask (B, S).
+    """
+    spatial_shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
+    src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # (B, S, d)
+    mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)  # (B, S)
+    pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + level_embed[level]
+                          for level, pos in enumerate(pos_embeds)], 1)  # (B, S, d)
+    ratios = valid_ratios(masks)  # (B, L, 2)
+    return encoder(src_flat, pos_flat, spatial_shapes, ratios, mask_flat), spatial_shapes, ratios, mask_flat
+
+
+def encoder_predictions(memory: Tensor, masks: Sequence[Tensor], project: Callable[[Tensor], Tensor],
+                        class_head: nn.Module, box_head: nn.Module) -> Tuple[Tensor, Tensor, Tensor]:
+    """Predictions at every encoder cell from the encoder output ``memory`` (B, S, d): the projected features
+    ``project(memory)`` (zero at unusable cells, see :func:`encoder_proposals`) (B, S, d), their class logits
+    (B, S, K) and their boxes (B, S, 4) refining the cells' proposals, in inverse-sigmoid space (+inf where
+    unusable)."""
+    proposals, usable = encoder_proposals(masks)  # (B, S, 4), (B, S, 1)
+    enc_memory = project(memory.masked_fill(~usable, 0.0))  # (B, S, d)
+    return enc_memory, class_head(enc_memory), box_head(enc_memory) + proposals
+
+
+def top_cells(scores: Tensor, masks: Sequence[Tensor], k: int) -> Tensor:
+    """(B, k) indices of the ``k`` best-scoring cells, ``scores`` (B, S); padded cells (``masks``: the levels'
+    (B, H_l, W_l) padding masks) rank last, so that an image's choice does not depend on the batch's padding."""
+    if not torch.jit.is_tracing() and scores.shape[1] < k:
+        raise ValueError(f"The transformer keeps {k} proposals of the encoder's cells as queries "
+                         f"(MODEL.DETR.NUM_OBJECT_QUERIES) but the feature levels have only {scores.shape[1]} cells: "
+                         "use larger images or fewer queries")
+    scores = scores.masked_fill(torch.cat([m.flatten(1) for m in masks], 1), -math.inf)  # (B, S)
+    return scores.topk(k, dim=1).indices
+
+
 @DETR_TRANSFORMER_REGISTRY.register()
 class DeformableTransformer(nn.Module):
     """Flattens the levels (adding a learned level embedding to their position encodings), encodes them with
@@ -101,18 +185,13 @@ class DeformableTransformer(nn.Module):
             onednn_linear: matrix products through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`).
         """
         super().__init__()
-        if d_model % nhead != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead}) (MODEL.DETR.HIDDEN_DIM, NHEADS)")
         self.d_model = d_model
         self.num_feature_levels = num_feature_levels
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
-        self.encoder = DeformableEncoder(
-            DeformableEncoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, enc_n_points,
-                                   onednn_linear), num_encoder_layers)
-        self.decoder = DeformableDecoder(
-            DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, dec_n_points,
-                                   onednn_linear), num_decoder_layers)
+        self.encoder, decoder_layer = deformable_layers(d_model, nhead, num_encoder_layers, dim_feedforward, dropout,
+                                                        num_feature_levels, enc_n_points, dec_n_points, onednn_linear)
+        self.decoder = DeformableDecoder(decoder_layer, num_decoder_layers)
         self.num_decoder_layers = num_decoder_layers
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
@@ -126,30 +205,18 @@ class DeformableTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        detr, deformable = cfg.MODEL.DETR, cfg.MODEL.DEFORMABLE_DETR
-        if detr.PRE_NORM:
-            raise ValueError("MODEL.DETR.PRE_NORM=True: DeformableTransformer has post-norm layers only; set it False")
         return {
-            **transformer_size_args(cfg),
-            "num_feature_levels": deformable.NUM_FEATURE_LEVELS,
-            "enc_n_points": deformable.ENC_N_POINTS,
-            "dec_n_points": deformable.DEC_N_POINTS,
-            "two_stage": deformable.TWO_STAGE,
-            "two_stage_num_proposals": detr.NUM_OBJECT_QUERIES,
+            **deformable_size_args(cfg, cls.__name__),
+            "two_stage": cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE,
+            "two_stage_num_proposals": cfg.MODEL.DETR.NUM_OBJECT_QUERIES,
         }
 
     def _reset_parameters(self) -> None:
         """The original initialisation: Xavier-uniform matrices, the deformable attentions' own initialisation,
         zero ``reference_points`` bias, standard-normal level embedding."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if isinstance(module, MultiScaleDeformableAttention):
-                module.reset_parameters()
+        reset_deformable_parameters(self)
         if not self.two_stage:
             nn.init.zeros_(self.reference_points.bias)
-        nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
                 query_embed: Optional[Tensor] = None, box_heads: Optional[Sequence[nn.Module]] = None,
@@ -172,13 +239,8 @@ class DeformableTransformer(nn.Module):
         if len(srcs) != self.num_feature_levels:
             raise ValueError(f"DeformableTransformer built for {self.num_feature_levels} feature levels, "
                              f"got {len(srcs)}")
-        spatial_shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
-        src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # (B, S, d)
-        mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)  # (B, S)
-        pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level]
-                              for level, pos in enumerate(pos_embeds)], 1)  # (B, S, d)
-        ratios = valid_ratios(masks)  # (B, L, 2)
-        memory = self.encoder(src_flat, pos_flat, spatial_shapes, ratios, mask_flat)  # (B, S, d)
+        memory, spatial_shapes, ratios, mask_flat = encode_levels(self.encoder, self.level_embed, srcs, masks,
+                                                                  pos_embeds)
 
         outputs: Dict[str, object] = {}
         if self.two_stage:
@@ -190,7 +252,7 @@ class DeformableTransformer(nn.Module):
         else:
             if query_embed is None:
                 raise ValueError("DeformableTransformer needs the learned query embedding (Q, 2d) unless two-stage")
-            query_pos, tgt = query_embed.expand(src_flat.shape[0], -1, -1).split(self.d_model, dim=-1)  # (B, Q, d)
+            query_pos, tgt = query_embed.expand(memory.shape[0], -1, -1).split(self.d_model, dim=-1)  # (B, Q, d)
             reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
         hs, references = self.decoder(tgt, reference, memory, spatial_shapes, ratios, query_pos, mask_flat, box_heads)
         outputs.update(hs=hs, references=references)
@@ -202,19 +264,9 @@ class DeformableTransformer(nn.Module):
         """Two-stage queries from the encoder output ``memory`` (B, S, d) and the levels' padding ``masks``:
         (query_pos, tgt) (B, Q, d) each, reference boxes (B, Q, 4), and the proposal heads' logits (B, S, K) and
         boxes (B, S, 4) at every cell."""
-        proposals, usable = encoder_proposals(masks)  # (B, S, 4), (B, S, 1)
-        enc_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~usable, 0.0)))  # (B, S, d)
-        class_head, box_head = proposal_heads
-        enc_logits = class_head(enc_memory)  # (B, S, K)
-        enc_coords = box_head(enc_memory) + proposals  # (B, S, 4) inverse sigmoid, +inf where unusable
-        num_proposals = self.two_stage_num_proposals
-        if not torch.jit.is_tracing() and enc_logits.shape[1] < num_proposals:
-            raise ValueError(f"Two-stage DeformableTransformer keeps {num_proposals} proposals "
-                             f"(MODEL.DETR.NUM_OBJECT_QUERIES) but the feature levels have only {enc_logits.shape[1]} "
-                             "cells: use larger images or fewer queries")
-        # Padded cells rank last, so that an image's queries do not depend on the batch's padding.
-        scores = enc_logits[..., 0].masked_fill(torch.cat([m.flatten(1) for m in masks], 1), -math.inf)  # (B, S)
-        top = scores.topk(num_proposals, dim=1).indices  # (B, Q)
+        _, enc_logits, enc_coords = encoder_predictions(
+            memory, masks, lambda x: self.enc_output_norm(self.enc_output(x)), *proposal_heads)
+        top = top_cells(enc_logits[..., 0], masks, self.two_stage_num_proposals)  # (B, Q)
         top_coords = enc_coords.gather(1, top[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
         embedding = sine_box_embedding(top_coords.sigmoid(), self.d_model // 2)  # (B, Q, 2d)
         query_pos, tgt = self.pos_trans_norm(self.pos_trans(embedding)).split(self.d_model, dim=-1)

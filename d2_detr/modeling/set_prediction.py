@@ -77,16 +77,21 @@ class SetPredictionModel(nn.Module):
         "aux_outputs" (a list of such dicts for earlier decoder layers; empty at inference)."""
         raise NotImplementedError
 
+    def training_outputs(self, images: ImageList, targets: List[Dict]) -> Dict:
+        """The raw outputs the criterion gets in training: :meth:`predict`'s, which do not depend on the targets
+        (a model that feeds them to its network, such as DINO's denoising, overrides this)."""
+        return self.predict(images)
+
     def forward(self, batched_inputs: List[Dict]):
         """Training mode: the weighted losses (name -> scalar); the criterion's metrics go to the event storage.
         Eval mode: :meth:`inference`."""
         if not self.training:
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
-        outputs = self.predict(images)
+        targets = self.prepare_targets(batched_inputs, images.image_sizes)
+        outputs = self.training_outputs(images, targets)
         storage = get_event_storage()
         self.check_finite(outputs, storage.iter)
-        targets = self.prepare_targets(batched_inputs, images.image_sizes)
         losses, metrics = self.criterion(outputs, targets)
         for name, value in metrics.items():
             storage.put_scalar(name, float(value))
