@@ -61,7 +61,8 @@ def multi_scale_deformable_attention(
 @torch.jit.unused
 def _bags_apply(value: Tensor) -> bool:
     """Whether :func:`sample_by_bags` is used: on CPU in eager mode; not while tracing or exporting (ONNX needs
-    ``GridSample``) nor under ``torch.compile`` (its backward loops over chunks in Python)."""
+    ``GridSample``) nor under ``torch.compile`` (the bag path, a custom autograd function with sparse operators,
+    is made and measured for eager mode; ``grid_sample`` compiles)."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return False
     return value.device.type == "cpu"
