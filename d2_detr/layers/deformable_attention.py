@@ -61,7 +61,8 @@ def multi_scale_deformable_attention(
 @torch.jit.unused
 def _bags_apply(value: Tensor) -> bool:
     """Whether :func:`sample_by_bags` is used: on CPU in eager mode; not while tracing or exporting (ONNX needs
-    ``GridSample``) nor under ``torch.compile`` (its backward loops over chunks in Python)."""
+    ``GridSample``) nor under ``torch.compile`` (the bag path, a custom autograd function with sparse operators,
+    is made and measured for eager mode; ``grid_sample`` compiles)."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return False
     return value.device.type == "cpu"
@@ -114,7 +115,8 @@ def sample_by_bags(
     device = value.device
     table, starts = _framed_levels(value.to(dtype), spatial_shapes)  # (B, T, H, Dh), (L,)
     num_rows = table.shape[0] * table.shape[1] * heads
-    index = torch.int32 if num_rows < 2**31 else torch.int64
+    bags = batch * num_queries * heads
+    index = torch.int32 if max(num_rows, bags * levels * points * 4) < 2**31 - 1 else torch.int64
     hw = torch.tensor(spatial_shapes, dtype=index, device=device).view(levels, 2)
     size = hw.flip(-1).view(levels, 1, 2)  # (L, 1, (W, H)), broadcasts against (B, Q, H, L, P, 2)
     # Pixel coordinates in the framed map (pixel centres at integers, align_corners=False, +1 for the frame),
@@ -133,7 +135,6 @@ def sample_by_bags(
     steps = torch.stack([torch.zeros_like(row_stride), torch.full_like(row_stride, heads), row_stride,
                          row_stride + heads], -1)  # (L, 1, 4)
     rows = rows[..., None] + steps  # (B, Q, H, L, P, 4)
-    bags = batch * num_queries * heads
     out = _BilinearBagSum.apply(table.view(num_rows, head_dim), rows.view(bags, levels * points, 4),
                                 attention_weights.to(dtype).reshape(bags, levels * points),
                                 frac.view(bags, levels * points, 2))
