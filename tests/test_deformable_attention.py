@@ -354,3 +354,20 @@ def test_onnx_export_follows_the_input_size():
         expected = model(*inputs).detach().numpy()
         assert out.shape == expected.shape
         np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+
+
+def test_cpu_bag_path_is_capability_checked(monkeypatch):
+    """The embedding-bag path is used on CPU only when it reproduces grid_sample on this torch build, from any
+    context (inference mode included); a build where it disagrees falls back to grid_sample."""
+    from d2_detr.layers import deformable_attention as module
+
+    module._bags_path_works.cache_clear()
+    with torch.inference_mode():
+        assert module._bags_path_works()
+    module._bags_path_works.cache_clear()
+    monkeypatch.setattr(module, "sample_by_bags", lambda value, *args: module.sample_by_grid(value * 1.01, *args))
+    try:
+        assert not module._bags_path_works()
+        assert not module._bags_apply(torch.zeros(1, 4, 1, 2))
+    finally:
+        module._bags_path_works.cache_clear()

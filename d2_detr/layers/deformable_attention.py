@@ -9,6 +9,8 @@ The sampling is standard PyTorch operators (``grid_sample``, and on CPU a weight
 layer runs on any device and dtype PyTorch supports, and traces, scripts and exports to ONNX (``GridSample``,
 opset 16 and newer).
 """
+import functools
+import logging
 import math
 import warnings
 from typing import List, Optional, Tuple
@@ -20,6 +22,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .linear import Linear
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MultiScaleDeformableAttention", "multi_scale_deformable_attention", "sample_by_bags", "sample_by_grid"]
 
@@ -65,7 +69,37 @@ def _bags_apply(value: Tensor) -> bool:
     is made and measured for eager mode; ``grid_sample`` compiles)."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return False
-    return value.device.type == "cpu"
+    return value.device.type == "cpu" and _bags_path_works()
+
+
+@functools.lru_cache(maxsize=None)
+def _bags_path_works() -> bool:
+    """Capability check, once per process: :func:`sample_by_bags` (which relies on ``embedding_bag`` with
+    per-sample weights and ``torch.sparse.sampled_addmm`` over an unsorted CSR pattern) gives the values and
+    gradients of :func:`sample_by_grid` on a small random case with this torch build. Otherwise every call takes
+    the ``grid_sample`` path, with a warning."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (2, 2)]
+    inputs = [torch.randn(1, 16, 2, 4, generator=generator, dtype=torch.float64),
+              torch.rand(1, 5, 2, 2, 2, 2, generator=generator, dtype=torch.float64) * 1.2 - 0.1,
+              torch.rand(1, 5, 2, 2, 2, generator=generator, dtype=torch.float64)]
+    results = []
+    try:  # called from any context (inference mode, no_grad, autocast): check in plain float64 autograd
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            for sample in (sample_by_grid, sample_by_bags):
+                leaves = [x.clone().requires_grad_() for x in inputs]
+                out = sample(leaves[0], shapes, leaves[1], leaves[2])
+                grads = torch.autograd.grad(out.square().sum(), leaves)
+                results.append([out, *grads])
+        works = all(torch.allclose(a, b, atol=1e-8) for a, b in zip(*results))
+    except RuntimeError as e:  # an operator missing or changed in this torch build
+        logger.warning(f"Deformable attention: the embedding-bag sampling fails on this torch build ({e}); "
+                       "using grid_sample on CPU too")
+        return False
+    if not works:
+        logger.warning("Deformable attention: the embedding-bag sampling disagrees with grid_sample on this torch "
+                       "build; using grid_sample on CPU too")
+    return works
 
 
 def sample_by_grid(
