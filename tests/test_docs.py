@@ -27,9 +27,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import pytest
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser
 
 from d2_detr import add_detr_config
+from d2_detr.engine.train_net import argument_parser
 
 from .conftest import REPO_DIR
 
@@ -41,7 +41,7 @@ HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 REPO_PATH = re.compile(r"(?<![\w./$-])((?:configs|tools|tests|docs|d2_detr|benchmarks)/[\w.*/-]*)")
 CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
-TRAIN_NET_LIKE = {"train_net.py", "my_train_net.py"}  # scripts that parse Detectron2's default_argument_parser
+TRAIN_NET_LIKE = {"train_net.py", "my_train_net.py"}  # scripts that parse d2_detr's argument_parser
 
 
 class Block(NamedTuple):
@@ -187,7 +187,7 @@ def test_commands_have_valid_flags_and_config(block, argv, config_file):
     where = f"{block_id(block)}: {shlex.join(argv)}"
     script = argv[1] if argv[0] == "python" else ""
     if os.path.basename(script) in TRAIN_NET_LIKE:
-        default_argument_parser().parse_args(argv[2:])
+        argument_parser().parse_args(argv[2:])
     elif script in ("tools/demo.py", "tools/export_model.py"):
         _tool_parser(os.path.join(REPO_DIR, script)).parse_args(argv[2:])
     assert os.path.isfile(os.path.join(REPO_DIR, config_file)), f"{where}: no config file {config_file}"
@@ -273,7 +273,8 @@ def test_configuration_reference_lists_every_key_add_detr_config_sets():
     add_detr_config(cfg)
     added = {k for k, v in reference.flatten(cfg).items() if k not in detectron2_defaults or detectron2_defaults[k] != v}
     _, generated, _ = reference.split_page(read(os.path.join("docs", "configuration.md")))
-    documented = set(re.findall(r"`([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)+)`", generated))
+    key_cells = re.findall(r"^\| (.*?) \|", generated, re.M)  # a table row's first cell: its keys
+    documented = {key for cell in key_cells for key in re.findall(r"`([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)`", cell)}
     assert added <= documented, f"keys missing from docs/configuration.md: {sorted(added - documented)}"
     assert documented <= set(reference.flatten(cfg)), f"documented keys that do not exist: {documented - set(reference.flatten(cfg))}"
 
