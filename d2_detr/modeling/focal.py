@@ -97,6 +97,7 @@ class FocalSetCriterion(SetCriterion):
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
         args = super().from_config(cfg)
         del args["eos_coef"]  # no "no object" class
+        del args["loss_ce_norm_across_processes"]  # no class weights: the focal loss is normalised by the boxes
         return {**args, "alpha": cfg.MODEL.DETR.FOCAL_ALPHA, "gamma": cfg.MODEL.DETR.FOCAL_GAMMA}
 
     def extra_repr(self) -> str:
