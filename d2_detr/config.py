@@ -184,7 +184,7 @@ def add_detr_config(cfg: CN) -> None:
     # "ADAMW" (the recipe) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Update all parameters in one fused kernel (PyTorch's fused=True) instead of the per-tensor loop: the same
-    # update up to float rounding, ~4x less optimizer time on CPU (R-50: 12 against 46 ms a step).
+    # update up to float rounding, in less time (figures: benchmarks/README.md).
     cfg.SOLVER.FUSED_OPTIMIZER = True
     # Learning-rate multiplier of the backbone's parameters.
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
