@@ -5,8 +5,9 @@ of ``tools/train_net.py``), built from the same config plus that setting's overr
 weights; the parent alternates between the settings, flipping the order every round, so that both see the same
 machine load. Measured: inference of batches of images of one size or of mixed sizes (landscape, portrait and
 square images, as in COCO, so that a batch is padded), and the training step (forward with matching and losses,
-backward, optimizer step). Printed per setting: the median, min and max seconds per call and images/s from the
-median, with the load average before and after.
+backward, optimizer step). Printed per setting: the median, min and max seconds per call, images/s from the
+median, and the medians of the system CPU seconds and minor page faults of the worker per call (these depend
+little on other processes' load), with the load average before and after.
 
 Examples::
 
@@ -23,6 +24,7 @@ See benchmarks/README.md for results.
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,10 +42,28 @@ MIXED_ASPECTS = (3 / 4, 4 / 3, 1.0, 2 / 3, 3 / 4, 9 / 16, 4 / 3, 3 / 4)
 
 
 class MixedSizeWorker(speed.Worker):
-    """speed.py's worker, plus inference of a batch of images of different sizes."""
+    """speed.py's worker, plus inference of a batch of images of different sizes, and the system time and minor
+    page faults of every measured call."""
+
+    @staticmethod
+    def _with_faults(measure, *args, **kwargs) -> Dict[str, float]:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        result = measure(*args, **kwargs)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        result.update(system_seconds=after.ru_stime - before.ru_stime, minor_faults=after.ru_minflt - before.ru_minflt)
+        return result
+
+    def infer(self, batch: int, size: Tuple[int, int]) -> Dict[str, float]:
+        return self._with_faults(super().infer, batch, size)
+
+    def train(self, batch: int, size: Tuple[int, int]) -> Dict[str, float]:
+        return self._with_faults(super().train, batch, size)
 
     def infer_mixed(self, sizes: List[Tuple[int, int]]) -> Dict[str, float]:
         """One timed inference call of one image of each of ``sizes``."""
+        return self._with_faults(self._infer_mixed, sizes)
+
+    def _infer_mixed(self, sizes: List[Tuple[int, int]]) -> Dict[str, float]:
         import time
 
         import torch
@@ -52,16 +72,17 @@ class MixedSizeWorker(speed.Worker):
         g = torch.Generator().manual_seed(1)
         inputs = [{"image": torch.rand(3, h, w, generator=g) * 255} for h, w in sizes]
         self._sync()
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         with torch.no_grad():
             model(inputs)
         self._sync()
-        return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
+        return {"seconds": time.perf_counter() - start}
 
 
-def mixed_sizes(batch: int, short_edge: int, max_edge: int) -> List[Tuple[int, int]]:
-    """(H, W) of ``batch`` images: shortest edge ``short_edge``, longest at most ``max_edge``, aspect ratios cycled
-    from MIXED_ASPECTS (as ``ResizeShortestEdge`` leaves COCO images)."""
+def mixed_sizes(batch: int, short_edge: int) -> List[Tuple[int, int]]:
+    """(H, W) of ``batch`` images: shortest edge ``short_edge``, longest at most ``short_edge`` x 1333 / 800, aspect
+    ratios cycled from MIXED_ASPECTS (as DETR's test resize leaves COCO images: 800, at most 1333)."""
+    max_edge = short_edge * 1333 // 800
     sizes = []
     for i in range(batch):
         aspect = MIXED_ASPECTS[i % len(MIXED_ASPECTS)]
@@ -92,10 +113,12 @@ def worker_main() -> None:
 
 
 def run_rounds(settings: Sequence[Setting], warmup: int, repeats: int, command: str,
-               **kwargs) -> Dict[str, List[float]]:
-    """Seconds of ``repeats`` timed calls per setting after ``warmup`` untimed ones, alternating settings."""
+               **kwargs) -> Dict[str, List[Dict[str, float]]]:
+    """Samples (seconds, system_seconds, minor_faults) of ``repeats`` timed calls per setting after ``warmup``
+    untimed ones, alternating settings."""
     samples = speed.interleaved(settings, warmup, repeats, command, **kwargs)
-    return {name: [s["seconds"] for s in values] for name, values in samples.items()}
+    keys = ("seconds", "system_seconds", "minor_faults")
+    return {name: [{k: s[k] for k in keys} for s in values] for name, values in samples.items()}
 
 
 def parse_env(pairs: Sequence[str]) -> Dict[str, str]:
@@ -116,7 +139,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--a-env", nargs="*", default=[], metavar="NAME=VALUE", help="environment of setting a")
     parser.add_argument("--b-env", nargs="*", default=[], metavar="NAME=VALUE", help="environment of setting b")
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1066), metavar=("H", "W"),
-                        help="image size; with --mixed-sizes: shortest edge min(H, W), longest at most 1333")
+                        help="image size; with --mixed-sizes: shortest edge min(H, W), longest <= 1333/800 of it")
     parser.add_argument("--mixed-sizes", action="store_true", help="inference batches of mixed-size images")
     parser.add_argument("--infer-batches", type=int, nargs="*", default=(1,))
     parser.add_argument("--train-batch", type=int, default=2, help="training images per step (0: no training)")
@@ -150,10 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 unknown = info[setting.name]["ignored_opts"]
                 if unknown:
                     raise SystemExit(f"setting {setting.name}: unknown config keys {unknown}")
-        results: Dict[str, Dict[str, List[float]]] = {}
+        results: Dict[str, Dict[str, Any]] = {}
         for batch in args.infer_batches:
             if args.mixed_sizes:
-                sizes = mixed_sizes(batch, min(size), 1333)
+                sizes = mixed_sizes(batch, min(size))
                 label = f"inference b{batch} mixed sizes"
                 results[label] = run_rounds(settings, args.warmup, args.repeats, "infer_mixed", sizes=sizes)
             else:
@@ -178,17 +201,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"setting {name}: {' '.join(overrides[name]) or '(config as is)'}{' ' + env if env else ''}; "
               f"freed memory kept: {info[name]['freed_memory_kept']}")
     if args.mixed_sizes:
-        print(f"mixed sizes: {mixed_sizes(max(args.infer_batches, default=0), min(size), 1333)}")
-    print(f"{'measurement':<34} {'setting':>7} {'median s':>9} {'min s':>7} {'max s':>7} {'images/s':>9}")
+        print(f"mixed sizes: {mixed_sizes(max(args.infer_batches, default=0), min(size))}")
+    print(f"{'measurement':<30} {'setting':>7} {'median s':>9} {'min s':>7} {'max s':>7} {'images/s':>9} "
+          f"{'sys s':>6} {'faults':>8}")
     for label, samples in results.items():
         images = samples["images"][0]
         medians = {}
         for name in ("a", "b"):
-            values = samples[name]
-            medians[name] = statistics.median(values)
-            print(f"{label:<34} {name:>7} {medians[name]:>9.3f} {min(values):>7.3f} {max(values):>7.3f} "
-                  f"{images / medians[name]:>9.2f}")
-        print(f"{'':<34} {'b vs a':>7} {medians['a'] / medians['b']:>8.2f}x")
+            seconds = [s["seconds"] for s in samples[name]]
+            medians[name] = statistics.median(seconds)
+            system = statistics.median(s["system_seconds"] for s in samples[name])
+            faults = statistics.median(s["minor_faults"] for s in samples[name])
+            print(f"{label:<30} {name:>7} {medians[name]:>9.3f} {min(seconds):>7.3f} {max(seconds):>7.3f} "
+                  f"{images / medians[name]:>9.2f} {system:>6.2f} {faults:>8.0f}")
+        print(f"{'':<30} {'b vs a':>7} {medians['a'] / medians['b']:>8.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "info": info, "results": results,
