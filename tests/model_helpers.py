@@ -37,3 +37,16 @@ def assert_same_alone_and_batched(model: nn.Module, image: torch.Tensor, neighbo
     index = 0 if image_first else 1
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(batched[key][index], alone[key][0], atol=atol, rtol=0)
+
+
+def randomize_every_tensor(model: nn.Module, seed: int) -> None:
+    """Give every floating-point tensor of ``model`` random values (norm weights near 1, positive running
+    variances), so that no zero-initialised head or offset hides a wrong checkpoint mapping."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if "running_var" in name:
+                tensor.copy_(torch.rand(tensor.shape, generator=g) * 0.5 + 0.75)
+            elif tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=g) * (0.5 if "norm" in name else 0.1)
+                             + (1.0 if "norm" in name and name.endswith("weight") else 0.0))

@@ -30,6 +30,7 @@ from d2_detr.checkpoint import (
 )
 
 from .conftest import REPO_DIR, TESTS_DIR, load_config
+from .model_helpers import randomize_every_tensor
 from .test_checkpoint_convert import MEAN01, STD01, FrozenBatchNorm2d
 
 TOLERANCE = 1e-4
@@ -217,14 +218,7 @@ def reference_model(variant: str, seed: int = 0) -> ReferenceDeformableDetr:
     """A reference model whose every tensor is random (no zero-initialised head or offset hides a wrong mapping)."""
     torch.manual_seed(seed)
     model = ReferenceDeformableDetr(*VARIANTS[variant], **TINY).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if "running_var" in name:
-                tensor.copy_(torch.rand(tensor.shape, generator=g) * 0.5 + 0.75)
-            elif tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=g) * (0.5 if "norm" in name else 0.1)
-                             + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    randomize_every_tensor(model, seed + 1)
     return model
 
 

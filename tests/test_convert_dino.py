@@ -20,6 +20,7 @@ from d2_detr.checkpoint import coco_sigmoid_class_head_rows, save_converted_chec
 from d2_detr.checkpoint.convert_dino import convert_dino_state_dict, is_dino_state_dict
 
 from .conftest import REPO_DIR, TESTS_DIR, load_config
+from .model_helpers import randomize_every_tensor
 from .test_checkpoint_convert import MEAN01, STD01, FrozenBatchNorm2d
 from .test_convert_deformable import IMAGE_SIZES, MLP, DecoderLayer, EncoderLayer, Stack, _images, reference_model
 
@@ -123,14 +124,7 @@ def reference_dino(seed: int = 0) -> ReferenceDino:
     """A reference model whose every tensor is random (no zero-initialised head or offset hides a wrong mapping)."""
     torch.manual_seed(seed)
     model = ReferenceDino(**TINY).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if "running_var" in name:
-                tensor.copy_(torch.rand(tensor.shape, generator=g) * 0.5 + 0.75)
-            elif tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=g) * (0.5 if "norm" in name else 0.1)
-                             + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    randomize_every_tensor(model, seed + 1)
     return model
 
 

@@ -2,24 +2,17 @@
 start-up checks of NUM_CLASSES and of the denoising label book."""
 import json
 import os
-import subprocess
-import sys
 
 import torch
 
-from .conftest import REPO_DIR, TESTS_DIR
+from .conftest import TESTS_DIR
+from .test_train_net import train_net as run_train_net
 
-TRAIN_NET = os.path.join(REPO_DIR, "tools", "train_net.py")
 TINY_DINO = os.path.join(TESTS_DIR, "configs", "tiny_dino.yaml")
 
 
 def train_net(*args, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, TRAIN_NET, "--config-file", TINY_DINO, *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=REPO_DIR)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train_net failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_train_net(*args, check=check, config=TINY_DINO)
 
 
 def test_train_then_eval_only(tmp_path):
