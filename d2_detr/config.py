@@ -240,6 +240,12 @@ def _add_deformable_detr_config(cfg: CN) -> None:
     # class-agnostically: losses "*_enc"); the top NUM_OBJECT_QUERIES give the decoder's reference boxes and
     # queries.
     deformable.TWO_STAGE = False
+    # Detections independent of the batch's padding (also for DINO): each level's padding mask follows the image's
+    # own size (cell valid iff below ceil(size / stride)), padded cells are never selected as proposals (two-stage,
+    # DINO's query selection), and DINO's positional queries embed boxes relative to the image's unpadded area.
+    # False: the original code's behaviour (masks interpolated from the padded batch's pixel mask, padded cells
+    # selectable, DINO's boxes scaled to the padded first level). For a batch of one image both are the same.
+    deformable.PADDING_INVARIANT = True
 
 
 class ConfigError(ValueError):

@@ -6,6 +6,7 @@ import torch
 from detectron2.modeling import build_backbone, build_model
 from detectron2.utils.events import EventStorage
 
+from d2_detr.layers.padding_mask import interpolated_padding_mask
 from d2_detr.layers.position_encoding import PositionEmbeddingSine
 from d2_detr.modeling import DeformableDetr
 from d2_detr.modeling.deformable_transformer import DeformableTransformer
@@ -128,6 +129,22 @@ def test_detections_do_not_depend_on_batch_neighbours(variant):
     model = tiny_model(*VARIANTS[variant], "MODEL.RESNETS.NORM", "BN").eval()
     shift_batchnorm_statistics(model.backbone)
     assert_same_alone_and_batched(model, _image(72, 100, 8), _image(130, 90, 9), atol=1e-4, image_first=False)
+
+
+def test_padding_invariant_false_gives_the_original_interpolated_masks():
+    """MODEL.DEFORMABLE_DETR.PADDING_INVARIANT False: every level's mask is the padded batch's pixel mask
+    interpolated (the original), which for a batch of one image marks nothing, as the ceil rule."""
+    model = tiny_model(*VARIANTS["two_stage"], "MODEL.DEFORMABLE_DETR.PADDING_INVARIANT", False).eval()
+    assert not model.transformer.padding_invariant
+    images = model.preprocess_image([{"image": _image(70, 100, 1)}, {"image": _image(130, 90, 2)}])
+    with torch.no_grad():
+        levels, masks = model.levels_and_masks(images)
+    for level, mask in zip(levels, masks):
+        expected = interpolated_padding_mask(images.image_sizes, images.tensor.shape[-2:], level.shape[-2:], "cpu")
+        assert torch.equal(mask, expected) and mask[0].any()
+    with torch.no_grad():
+        _, masks = model.levels_and_masks(model.preprocess_image([{"image": _image(70, 100, 1)}]))
+    assert not any(mask.any() for mask in masks)
 
 
 def test_inference_output_is_top_k_pairs_by_sigmoid_score():

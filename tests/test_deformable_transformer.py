@@ -83,20 +83,25 @@ def test_outputs_and_references(two_stage):
         torch.testing.assert_close(references[0][0], transformer.reference_points(query_embed[:, :32]).sigmoid())
 
 
-def test_two_stage_never_picks_padded_cells():
+@pytest.mark.parametrize("padding_invariant", [True, False])
+def test_two_stage_never_picks_padded_cells(padding_invariant):
     """A proposal head scoring encoder outputs of zeros (what padded cells hold) highest: the padded image's
-    queries still come from its own cells (the original would pick padded cells, whose boxes are all 1)."""
+    queries still come from its own cells; with ``padding_invariant=False``, as the original, they come from padded
+    cells, whose boxes are all 1."""
 
     class ZeroRowsFirst(nn.Module):
         def forward(self, memory):
             return torch.where(memory.abs().sum(-1, keepdim=True) == 0, 100.0, memory[..., :1])
 
-    transformer = _transformer(two_stage=True, two_stage_num_proposals=6)
+    transformer = _transformer(two_stage=True, two_stage_num_proposals=6, padding_invariant=padding_invariant)
     transformer.enc_output_norm = nn.Identity()  # zeroed cells stay all-zero rows
     nn.init.zeros_(transformer.enc_output.bias)
     srcs, masks, pos = _inputs(_masks([(6, 8), (3, 4)]))
     out = transformer(srcs, masks, pos, proposal_heads=(ZeroRowsFirst(), nn.Linear(32, 4)))
-    assert (out["references"][0][1] < 1).all()
+    if padding_invariant:
+        assert (out["references"][0][1] < 1).all()
+    else:
+        assert (out["references"][0][1] == 1).all()
 
 
 def test_two_stage_needs_its_heads_and_enough_cells():
@@ -132,3 +137,6 @@ def test_built_from_config():
     assert transformer.two_stage_num_proposals == 300 and transformer.num_feature_levels == 4
     layer = transformer.encoder.layers[0]
     assert layer.linear1.out_features == 1024 and layer.self_attn.num_points == 4
+    assert transformer.padding_invariant
+    cfg = load_config(f"{REPO_DIR}/configs/deformable_detr_r50.yaml", "MODEL.DEFORMABLE_DETR.PADDING_INVARIANT", False)
+    assert not build_transformer(cfg).padding_invariant

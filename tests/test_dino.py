@@ -80,6 +80,9 @@ def test_built_from_config_with_shared_heads_and_the_original_names():
             "bbox_embed.1.layers.2.bias",
             "enc_class_embed.weight", "enc_bbox_embed.layers.2.weight", "input_proj.3.1.weight"} <= keys
     assert not any(k.startswith("query_embed") for k in keys)
+    assert model.transformer.padding_invariant and model.transformer.decoder.padding_invariant
+    original = tiny_model("MODEL.DEFORMABLE_DETR.PADDING_INVARIANT", False).transformer
+    assert not original.padding_invariant and not original.decoder.padding_invariant
 
 
 def test_training_step_losses_and_gradients():

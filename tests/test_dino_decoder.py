@@ -56,3 +56,24 @@ def test_look_forward_twice_lets_a_layer_box_loss_train_the_previous_layer_throu
         box.sum().backward()
         grad = box_head.layers[0].weight.grad
         assert (grad is not None and grad.abs().sum() > 0) == reaches
+
+
+@pytest.mark.parametrize("padding_invariant", [True, False])
+def test_positional_query_embeds_the_box_of_the_unpadded_area_or_as_the_original_of_the_padded_level(
+        padding_invariant, monkeypatch):
+    """An image covering (0.5, 0.75) of the padded first level: the embedded box is the reference itself, or, as the
+    original, the reference scaled to the padded level (cx and w by 0.5, cy and h by 0.75)."""
+    import d2_detr.layers.dino_decoder as dino_decoder
+
+    embedded = []
+    embed = dino_decoder.box_query_pos_embedding
+    monkeypatch.setattr(dino_decoder, "box_query_pos_embedding",
+                        lambda boxes, d: embedded.append(boxes) or embed(boxes, d))
+    torch.manual_seed(0)
+    layer = DeformableDecoderLayer(16, 2, 32, 0.0, num_levels=2, num_points=2)
+    decoder = DinoDecoder(layer, 1, 16, padding_invariant=padding_invariant)
+    reference = torch.rand(1, 3, 4) * 0.5 + 0.2
+    ratios = torch.tensor([[[0.5, 0.75], [0.5, 0.75]]])
+    decoder(torch.randn(1, 3, 16), reference, torch.randn(1, 20, 16), [(4, 4), (2, 2)], ratios, MLP(16, 16, 4, 3))
+    scale = torch.tensor([0.5, 0.75, 0.5, 0.75])
+    torch.testing.assert_close(embedded[0], reference if padding_invariant else reference * scale)

@@ -88,6 +88,15 @@ def test_compiled_transformer_cannot_be_exported():
         check_exportable_config(load_config(TINY_CONFIG, "MODEL.DETR.COMPILE_TRANSFORMER", True))
 
 
+def test_padding_variant_deformable_model_is_refused():
+    config = os.path.join(TESTS_DIR, "configs", "tiny_deformable.yaml")
+    cfg = load_config(config, "MODEL.DEFORMABLE_DETR.PADDING_INVARIANT", False)
+    with pytest.raises(ExportError, match="PADDING_INVARIANT True"):
+        check_exportable_config(cfg)
+    with pytest.raises(ExportError, match="PADDING_INVARIANT True"):
+        check_exportable_model(build_model(cfg).eval())
+
+
 def test_other_meta_architecture_is_refused():
     cfg = get_cfg()
     add_detr_config(cfg)

@@ -50,6 +50,13 @@ _EXAMPLE_SIZES = ((128, 160), (97, 131))
 _EXPORTABLE = {"Detr": Detr, "DeformableDetr": DeformableDetr, "Dino": Dino}
 
 
+_PADDING_VARIANT = (
+    "MODEL.DEFORMABLE_DETR.PADDING_INVARIANT=False: the exported graph computes each image's padding masks from its "
+    "own size (the ceil rule), which the original's masks interpolated from the padded batch are not. Export with "
+    "the override MODEL.DEFORMABLE_DETR.PADDING_INVARIANT True: the weights are the same, and for one image at a "
+    "time so are the detections.")
+
+
 class ExportError(ValueError):
     """A model or config that cannot be exported; the message names the part, says why and what to do."""
 
@@ -64,6 +71,8 @@ def check_exportable_config(cfg: CfgNode) -> None:
         raise ExportError("MODEL.DETR.COMPILE_TRANSFORMER=True: a torch.compile'd transformer cannot be traced "
                           "for export (its graph belongs to the compiler). Export with the override "
                           "MODEL.DETR.COMPILE_TRANSFORMER False: the exported file is the same model.")
+    if cfg.MODEL.META_ARCHITECTURE != "Detr" and not cfg.MODEL.DEFORMABLE_DETR.PADDING_INVARIANT:
+        raise ExportError(_PADDING_VARIANT)
     if cfg.MODEL.MASK_ON and cfg.MODEL.DETR.PANOPTIC_ON:
         raise ExportError(
             "MODEL.DETR.PANOPTIC_ON=True: the panoptic post-processing "
@@ -88,6 +97,8 @@ def check_exportable_model(model: nn.Module) -> None:
         raise ExportError("MODEL.DETR.PANOPTIC_ON=True: the panoptic post-processing cannot be exported (a "
                           "data-dependent Python loop); export with MODEL.DETR.PANOPTIC_ON False and run "
                           "d2_detr.modeling.segmentation_inference.panoptic_inference on the exported outputs.")
+    if not getattr(model.transformer, "padding_invariant", True):
+        raise ExportError(_PADDING_VARIANT)
     _check_backbone_sizes(model)
 
 

@@ -34,7 +34,8 @@ class DinoDecoder(nn.Module):
 
     Before each layer the positional query is ``ref_point_head(sine embedding of the reference box)``. Departure, so
     that detections do not depend on batch neighbours: the box embedded is normalised to the image's unpadded area
-    (the original embeds it as scaled to the batch's padded first level); for an image alone both are the same.
+    (the original embeds it as scaled to the batch's padded first level, as with ``padding_invariant=False``); for
+    an image alone both are the same.
     After it, the shared ``box_head`` refines the reference box from the layer's output:
     ``refined = refine_boxes(box_head(output), reference)``; ``refined.detach()`` is the next layer's reference.
     Every layer's output goes through one shared LayerNorm (``norm``) before the prediction heads.
@@ -44,13 +45,15 @@ class DinoDecoder(nn.Module):
     """
 
     def __init__(self, decoder_layer: DeformableDecoderLayer, num_layers: int, d_model: int,
-                 look_forward_twice: bool = True) -> None:
+                 look_forward_twice: bool = True, padding_invariant: bool = True) -> None:
         """
         Args:
             decoder_layer: layer to copy ``num_layers`` times (copies do not share parameters).
             num_layers: number of layers.
             d_model: feature width d.
             look_forward_twice: return the refined references undetached (see the class docstring).
+            padding_invariant: embed the reference box relative to the image's unpadded area; False: as scaled to the
+                padded first level (the original).
         """
         super().__init__()
         self.layers = nn.ModuleList([copy.deepcopy(decoder_layer) for _ in range(num_layers)])
@@ -58,6 +61,7 @@ class DinoDecoder(nn.Module):
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.d_model = d_model
         self.look_forward_twice = look_forward_twice
+        self.padding_invariant = padding_invariant
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: List[Tuple[int, int]],
                 valid_ratios: Tensor, box_head: nn.Module, memory_padding_mask: Optional[Tensor] = None,
@@ -82,7 +86,8 @@ class DinoDecoder(nn.Module):
         references: List[Tensor] = [reference]
         for layer in self.layers:
             level_reference = scale_to_levels(reference, valid_ratios)  # (B, Q, L, 4)
-            query_pos = self.ref_point_head(box_query_pos_embedding(reference, self.d_model))
+            embedded = reference if self.padding_invariant else level_reference[:, :, 0]  # (B, Q, 4)
+            query_pos = self.ref_point_head(box_query_pos_embedding(embedded, self.d_model))
             tgt = layer(tgt, query_pos, level_reference, memory, spatial_shapes, memory_padding_mask, self_attn_mask)
             refined = refine_boxes(box_head(tgt), reference, REFERENCE_EPS)
             reference = refined.detach()

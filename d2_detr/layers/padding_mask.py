@@ -2,6 +2,7 @@
 from typing import List, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 
 def feature_padding_mask(
@@ -36,3 +37,22 @@ def feature_padding_mask(
     rows = torch.arange(height, device=device)[None, :, None]  # (1, H, 1)
     cols = torch.arange(width, device=device)[None, None, :]  # (1, 1, W)
     return (rows >= valid_hw[:, 0, None, None]) | (cols >= valid_hw[:, 1, None, None])
+
+
+def interpolated_padding_mask(
+    image_sizes: List[Tuple[int, int]],
+    padded_hw: Tuple[int, int],
+    feature_hw: Tuple[int, int],
+    device: torch.device,
+) -> torch.Tensor:
+    """The original Deformable DETR / DINO rule: the padded batch's pixel mask (B, H_pad, W_pad), True outside each
+    image, resized to the feature map by nearest interpolation. Unlike :func:`feature_padding_mask` it depends on
+    the batch's padded size ``padded_hw``.
+
+    Returns:
+        BoolTensor (B, H, W) of the ``feature_hw`` map, True on padded cells.
+    """
+    pixels = torch.ones(len(image_sizes), *padded_hw, dtype=torch.bool, device=device)
+    for i, (h, w) in enumerate(image_sizes):
+        pixels[i, :h, :w] = False
+    return F.interpolate(pixels[None].float(), size=tuple(feature_hw)).to(torch.bool)[0]

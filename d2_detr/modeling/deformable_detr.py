@@ -8,7 +8,8 @@ without refinement the per-layer heads are one shared module, as there.
 
 Padding masks of every level follow the ``feature_padding_mask`` rule (cell valid iff inside ceil(size / stride)),
 which, unlike the original's interpolation of the image mask, does not depend on the batch's padded size; for an
-image alone both mark nothing.
+image alone both mark nothing. A transformer built with ``padding_invariant=False``
+(``MODEL.DEFORMABLE_DETR.PADDING_INVARIANT``) gets the original's masks.
 """
 import copy
 import math
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from ..layers.box_ops import refine_boxes
 from ..layers.mlp import MLP
 from ..layers.multiscale_projection import MultiScaleProjection
-from ..layers.padding_mask import feature_padding_mask
+from ..layers.padding_mask import feature_padding_mask, interpolated_padding_mask
 from .registry import build_criterion, build_position_encoding, build_transformer
 from .set_prediction import SetPredictionModel
 
@@ -159,8 +160,12 @@ class DeformableDetr(SetPredictionModel):
 
     def levels_and_masks(self, images: ImageList) -> Tuple[List[Tensor], List[Tensor]]:
         """The transformer's input levels (B, d, H_l, W_l) (:meth:`level_features`) and their padding masks
-        (B, H_l, W_l)."""
+        (B, H_l, W_l): the ceil rule, or the original's interpolated pixel mask where the transformer is not
+        ``padding_invariant``."""
         levels = self.level_features(images)
+        if not getattr(self.transformer, "padding_invariant", True):
+            return levels, [interpolated_padding_mask(images.image_sizes, images.tensor.shape[-2:], level.shape[-2:],
+                                                      self.device) for level in levels]
         masks = [feature_padding_mask(images.image_sizes, level.shape[-2:], stride, self.device)
                  for level, stride in zip(levels, self.level_strides)]
         return levels, masks

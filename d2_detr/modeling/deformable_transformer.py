@@ -6,6 +6,7 @@ Parameter names match the original checkpoints' ``transformer.*`` keys (``level_
 
 Two-stage departure, so that detections do not depend on batch neighbours: padded cells are never among the
 top-scoring proposals (the original could pick them in a padded batch); an image alone is unaffected.
+``padding_invariant=False`` (``MODEL.DEFORMABLE_DETR.PADDING_INVARIANT``) restores the original.
 """
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -75,7 +76,8 @@ def encoder_proposals(masks: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
 
 def deformable_size_args(cfg, name: str) -> dict:
     """The constructor arguments of a deformable transformer (named ``name`` in errors) read from the config:
-    :func:`~d2_detr.modeling.registry.transformer_size_args`, the feature levels and the sampling points."""
+    :func:`~d2_detr.modeling.registry.transformer_size_args`, the feature levels, the sampling points and
+    ``padding_invariant``."""
     deformable = cfg.MODEL.DEFORMABLE_DETR
     if cfg.MODEL.DETR.PRE_NORM:
         raise ValueError(f"MODEL.DETR.PRE_NORM=True: {name} has post-norm layers only; set it False")
@@ -84,6 +86,7 @@ def deformable_size_args(cfg, name: str) -> dict:
         "num_feature_levels": deformable.NUM_FEATURE_LEVELS,
         "enc_n_points": deformable.ENC_N_POINTS,
         "dec_n_points": deformable.DEC_N_POINTS,
+        "padding_invariant": deformable.PADDING_INVARIANT,
     }
 
 
@@ -145,14 +148,16 @@ def encoder_predictions(memory: Tensor, masks: Sequence[Tensor], project: Callab
     return enc_memory, class_head(enc_memory), box_head(enc_memory) + proposals
 
 
-def top_cells(scores: Tensor, masks: Sequence[Tensor], k: int) -> Tensor:
-    """(B, k) indices of the ``k`` best-scoring cells, ``scores`` (B, S); padded cells (``masks``: the levels'
-    (B, H_l, W_l) padding masks) rank last, so that an image's choice does not depend on the batch's padding."""
+def top_cells(scores: Tensor, masks: Sequence[Tensor], k: int, padded_last: bool = True) -> Tensor:
+    """(B, k) indices of the ``k`` best-scoring cells, ``scores`` (B, S). With ``padded_last`` padded cells
+    (``masks``: the levels' (B, H_l, W_l) padding masks) rank last, so that an image's choice does not depend on the
+    batch's padding; without, they compete on their scores, as in the original."""
     if not torch.jit.is_tracing() and scores.shape[1] < k:
         raise ValueError(f"The transformer keeps {k} proposals of the encoder's cells as queries "
                          f"(MODEL.DETR.NUM_OBJECT_QUERIES) but the feature levels have only {scores.shape[1]} cells: "
                          "use larger images or fewer queries")
-    scores = scores.masked_fill(torch.cat([m.flatten(1) for m in masks], 1), -math.inf)  # (B, S)
+    if padded_last:
+        scores = scores.masked_fill(torch.cat([m.flatten(1) for m in masks], 1), -math.inf)  # (B, S)
     return scores.topk(k, dim=1).indices
 
 
@@ -170,7 +175,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 1024, dropout: float = 0.1, num_feature_levels: int = 4, enc_n_points: int = 4,
                  dec_n_points: int = 4, two_stage: bool = False, two_stage_num_proposals: int = 300,
-                 onednn_linear: bool = False) -> None:
+                 onednn_linear: bool = False, padding_invariant: bool = True) -> None:
         """
         Args:
             d_model, nhead: feature width d, and attention heads (dividing d) in every attention.
@@ -183,10 +188,13 @@ class DeformableTransformer(nn.Module):
             two_stage: queries from the encoder's proposals instead of a learned embedding.
             two_stage_num_proposals: proposals kept as queries (two-stage; the number of queries).
             onednn_linear: matrix products through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`).
+            padding_invariant: padded cells are never selected as proposals, and the model gives the levels
+                ceil-rule padding masks; False: the original's behaviour (module docstring).
         """
         super().__init__()
         self.d_model = d_model
         self.num_feature_levels = num_feature_levels
+        self.padding_invariant = padding_invariant
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
         self.encoder, decoder_layer = deformable_layers(d_model, nhead, num_encoder_layers, dim_feedforward, dropout,
@@ -266,7 +274,7 @@ class DeformableTransformer(nn.Module):
         boxes (B, S, 4) at every cell."""
         _, enc_logits, enc_coords = encoder_predictions(
             memory, masks, lambda x: self.enc_output_norm(self.enc_output(x)), *proposal_heads)
-        top = top_cells(enc_logits[..., 0], masks, self.two_stage_num_proposals)  # (B, Q)
+        top = top_cells(enc_logits[..., 0], masks, self.two_stage_num_proposals, self.padding_invariant)  # (B, Q)
         top_coords = enc_coords.gather(1, top[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
         embedding = sine_box_embedding(top_coords.sigmoid(), self.d_model // 2)  # (B, Q, 2d)
         query_pos, tgt = self.pos_trans_norm(self.pos_trans(embedding)).split(self.d_model, dim=-1)

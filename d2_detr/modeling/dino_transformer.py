@@ -46,15 +46,16 @@ class DinoTransformer(nn.Module):
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 2048, dropout: float = 0.0, num_feature_levels: int = 4, enc_n_points: int = 4,
                  dec_n_points: int = 4, num_queries: int = 900, query_selection: str = "mixed",
-                 look_forward_twice: bool = True, onednn_linear: bool = False) -> None:
+                 look_forward_twice: bool = True, onednn_linear: bool = False, padding_invariant: bool = True) -> None:
         """
         Args:
             d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, num_feature_levels,
-                enc_n_points, dec_n_points, onednn_linear: as in
+                enc_n_points, dec_n_points, onednn_linear, padding_invariant: as in
                 :class:`~d2_detr.modeling.deformable_transformer.DeformableTransformer` (DINO: FFN 2048, dropout 0).
             num_queries: Q, the matching queries.
             query_selection: "mixed", "pure" or "static" (module docstring).
             look_forward_twice: see :class:`~d2_detr.layers.dino_decoder.DinoDecoder`.
+                (``padding_invariant`` also picks the decoder's positional-query boxes: see there.)
         """
         super().__init__()
         if query_selection not in QUERY_SELECTIONS:
@@ -64,9 +65,10 @@ class DinoTransformer(nn.Module):
         self.num_decoder_layers = num_decoder_layers
         self.num_queries = num_queries
         self.query_selection = query_selection
+        self.padding_invariant = padding_invariant
         self.encoder, decoder_layer = deformable_layers(d_model, nhead, num_encoder_layers, dim_feedforward, dropout,
                                                         num_feature_levels, enc_n_points, dec_n_points, onednn_linear)
-        self.decoder = DinoDecoder(decoder_layer, num_decoder_layers, d_model, look_forward_twice)
+        self.decoder = DinoDecoder(decoder_layer, num_decoder_layers, d_model, look_forward_twice, padding_invariant)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if query_selection != "pure":
             self.tgt_embed = nn.Embedding(num_queries, d_model)
@@ -128,7 +130,8 @@ class DinoTransformer(nn.Module):
                 raise ValueError("DinoTransformer selecting queries from the encoder needs the proposal heads")
             enc_memory, enc_logits, enc_coords = encoder_predictions(
                 memory, masks, lambda x: self.enc_output_norm(self.enc_output(x)), *proposal_heads)
-            top = top_cells(enc_logits.max(-1).values, masks, self.num_queries)[..., None]  # (B, Q, 1)
+            top = top_cells(enc_logits.max(-1).values, masks, self.num_queries,
+                            self.padding_invariant)[..., None]  # (B, Q, 1)
             top_coords = enc_coords.gather(1, top.expand(-1, -1, 4))  # (B, Q, 4) inverse sigmoid
             reference_logits = top_coords.detach()
             if self.query_selection == "mixed":
