@@ -34,7 +34,13 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PUBLISHED_GFLOPS_R50 = 86.0  # DETR R-50, the paper's Table 1 (averaged over COCO val images)
+# Published GFLOPs of one image by meta-architecture: DETR R-50 (the paper's Table 1, averaged over COCO val
+# images), Deformable DETR R-50 (its paper's Table 1) and DINO-4scale R-50 (its paper's Table 1).
+PUBLISHED_GFLOPS = {"Detr": ("DETR R-50", 86.0), "DeformableDetr": ("Deformable DETR R-50", 173.0),
+                    "Dino": ("DINO-4scale R-50", 279.0)}
+# Profiler label of the deformable attention's sampling (forward), and the autograd nodes of its backward.
+SAMPLING_LABEL = "deformable_sampling"
+SAMPLING_BACKWARD = ("GridSampler2DBackward0", "_BilinearBagSumBackward")
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -125,6 +131,7 @@ class Worker:
         self.cfg = cfg
         self.optimizer = self._build_optimizer(cfg, model)
         self._wrap_matcher(model)
+        self._label_sampling()
         return {
             "d2_detr": os.path.dirname(os.path.abspath(d2_detr.__file__)),
             "torch": torch.__version__,
@@ -133,6 +140,7 @@ class Worker:
             "applied_opts": applied,
             "ignored_opts": ignored,
             "freed_memory_kept": freed_memory_kept,
+            "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
         }
 
     @staticmethod
@@ -201,6 +209,23 @@ class Worker:
             method = getattr(matcher, name, None)
             if method is not None:
                 setattr(matcher, name, self._timed(method))
+
+    @staticmethod
+    def _label_sampling() -> None:
+        """Run the deformable attention's sampling under a profiler label, where this version has it."""
+        import torch
+
+        try:
+            from d2_detr.layers import deformable_attention
+        except ImportError:
+            return
+        sample = deformable_attention.multi_scale_deformable_attention
+
+        def labelled(*args, **kwargs):
+            with torch.profiler.record_function(SAMPLING_LABEL):
+                return sample(*args, **kwargs)
+
+        deformable_attention.multi_scale_deformable_attention = labelled
 
     def _timed(self, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
@@ -360,6 +385,20 @@ class Worker:
         return {"table": prof.key_averages().table(sort_by=sort, row_limit=rows)}
 
 
+    def sampling_share(self, kind: str, batch: int, size: Tuple[int, int]) -> Dict[str, float]:
+        """Share (%) of one profiled inference or training call's time spent in the deformable attention's sampling:
+        its forward (the labelled calls) and, in training, its backward nodes; 0 for a model without it."""
+        from torch.profiler import ProfilerActivity, profile
+
+        run = self.infer if kind == "infer" else self.train
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(batch, size)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        sampling = sum(e.cpu_time_total for e in events if e.key == SAMPLING_LABEL or e.key in SAMPLING_BACKWARD)
+        return {"percent": 100.0 * sampling / total if total else 0.0}
+
+
 def worker_main() -> None:
     """Serve JSON-line commands from stdin; all other output of the process goes to stderr."""
     protocol = os.fdopen(os.dup(1), "w")
@@ -496,6 +535,9 @@ def summarize(results: Dict[str, Any], names: List[str]) -> List[Tuple[str, List
         add("train step: CPU time median (s)", [_median(train[n], "cpu_seconds") for n in names], "{:.2f}")
         add("train step: peak memory (GB)", [max(s["peak_gb"] for s in train[n]) for n in names], "{:.2f}",
             ratio=False)
+    for kind, shares in results.get("sampling_share", {}).items():
+        add(f"deformable sampling share of one {'inference' if kind == 'infer' else 'train step'} (profiled, %)",
+            [shares[n] for n in names], "{:.1f}", ratio=False)
     flops = results.get("flops")
     if flops:
         add("GFLOPs per image (fvcore)", [flops[n]["total"] for n in names], "{:.2f}", ratio=False)
@@ -595,6 +637,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                            batch=args.train_batch, size=size)
         if not args.no_flops:
             results["flops"] = {v.name: v.call("flops", size=size) for v in versions}
+        if info[current.name]["meta_architecture"] != "Detr":
+            results["sampling_share"] = {
+                kind: {v.name: v.call("sampling_share", kind=kind, batch=batch, size=size)["percent"] for v in versions}
+                for kind, batch in (("infer", (args.infer_batches or [1])[0]), ("train", args.train_batch)) if batch}
         profiles = {}
         if args.profile:
             if args.infer_batches:
@@ -614,8 +660,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print_table(rows, headers)
     if diffs is not None:
         print("outputs, max |ref - current|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-    if results.get("flops"):
-        print(f"published DETR R-50: {PUBLISHED_GFLOPS_R50:.0f} GFLOPs (averaged over COCO val images)")
+    published = PUBLISHED_GFLOPS.get(info[names[-1]].get("meta_architecture", "Detr"))
+    if results.get("flops") and published:
+        print(f"published {published[0]}: {published[1]:.0f} GFLOPs")
     for kind, table in profiles.items():
         print(f"\nprofile of one {kind} call (working tree):\n{table}")
     if args.json:

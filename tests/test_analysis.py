@@ -63,6 +63,21 @@ def test_attention_counted_as_its_two_matrix_products(tiny_model):
     assert _module_flops(ours, "transformer") == _module_flops(theirs, "transformer") + expected
 
 
+def test_deformable_sampling_counted_as_four_multiply_adds_per_bilinear_value(one_thread):
+    """Deformable DETR (traced: one grid_sample per level): fvcore's rule counts every sampled value as 4
+    multiply-adds, for the encoder's S tokens and the decoder's Q queries at every level, head channel and point."""
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(REPO_DIR, "tests", "configs", "tiny_deformable.yaml"))
+    model = build_model(cfg).eval()
+    inputs = _inputs(96, 128)
+    analysis = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    tokens = sum(-(-96 // stride) * -(-128 // stride) for stride in model.level_strides)
+    detr, deformable = cfg.MODEL.DETR, cfg.MODEL.DEFORMABLE_DETR
+    samples = (detr.ENC_LAYERS * tokens * deformable.ENC_N_POINTS
+               + detr.DEC_LAYERS * detr.NUM_OBJECT_QUERIES * deformable.DEC_N_POINTS)
+    assert analysis.by_operator()["grid_sampler"] == 4 * detr.HIDDEN_DIM * deformable.NUM_FEATURE_LEVELS * samples
+
+
 def _run_tool(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, TOOL, "--config-file", TINY_CONFIG, *map(str, args)], cwd=REPO_DIR,

@@ -4,7 +4,9 @@ Detectron2's :class:`detectron2.utils.analysis.FlopCountAnalysis` (fvcore's coun
 ``forward`` on Detectron2 inputs) counts one multiply-add as one flop, as the DETR paper does, and leaves out
 elementwise work. fvcore has no rule for ``aten::scaled_dot_product_attention``, through which d2_detr's
 transformer computes attention, and would skip it with a warning. :class:`FlopCountAnalysis` here is Detectron2's
-with that rule added: attention counts as its two matrix products, softmax(Q K^T) and the product with V.
+with that rule added: attention counts as its two matrix products, softmax(Q K^T) and the product with V. The
+sampling of multi-scale deformable attention traces to ``aten::grid_sampler``, which fvcore counts as 4
+multiply-adds per output value (bilinear); the attention-weighted sum of the samples is elementwise, not counted.
 
     from d2_detr.utils.analysis import FlopCountAnalysis
     flops = FlopCountAnalysis(model.eval(), [{"image": image_chw_uint8}])
