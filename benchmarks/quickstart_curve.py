@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Learning curve of a config against wall-clock training time: AP and AP50 on its test set at fixed minutes.
+"""Learning curves against wall-clock training time: AP and AP50 on a config's test set at fixed minutes.
 
     python benchmarks/quickstart_curve.py                                   # configs/quickstart_cpu.yaml
     python benchmarks/quickstart_curve.py --eval-at-minutes 2 4 8 --json curve.json SOLVER.BASE_LR 0.001
+    python benchmarks/quickstart_curve.py --plot curves.png \
+        --run DETR configs/quickstart_cpu.yaml \
+        --run "Deformable DETR" configs/quickstart_deformable_cpu.yaml \
+        --run "DINO, no denoising" configs/quickstart_dino_cpu.yaml MODEL.DINO.DN_NUMBER 0
 
 Trains with ``DetrTrainer`` exactly as ``tools/train_net.py`` would (the config's schedule, checkpoints and
 logging, but no end-of-training evaluation) and, through a hook checking the elapsed training time after every
@@ -10,13 +14,22 @@ iteration, evaluates on ``DATASETS.TEST[0]`` with ``COCOEvaluator`` when each po
 reached. The clock starts with the first iteration (model building and dataset generation excluded) and is
 paused while evaluating. Training stops after the last point; if SOLVER.MAX_ITER comes first, the final model
 is evaluated once for the points left. Prints a table of (minutes, iteration, AP, AP50); asserts nothing.
-Runs in one process on MODEL.DEVICE; output goes to ``<OUTPUT_DIR>_curve`` unless --output-dir says otherwise.
+
+One run (``--config-file``) trains in this process on MODEL.DEVICE; output goes to ``<OUTPUT_DIR>_curve`` unless
+--output-dir says otherwise. With ``--run LABEL CONFIG [KEY VALUE ...]`` given (repeatable), the runs train one
+after the other, each in a process of its own (same points, same machine: their curves are comparable), into
+``<--output-dir or output/curves>/<label>``; the KEY VALUE pairs after a run's CONFIG are that run's overrides.
+``--plot FILE`` draws every run's AP and AP50 against the minutes to a PNG.
 """
 import argparse
 import json
 import logging
 import os
+import platform
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -125,7 +138,15 @@ def get_parser() -> argparse.ArgumentParser:
                         help="training minutes at which to evaluate (default: 3 6 9 12 15)")
     parser.add_argument("--output-dir", default=None, metavar="DIR",
                         help="OUTPUT_DIR of the run (default: the config's OUTPUT_DIR + '_curve')")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the curve to this JSON file")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the curve(s) to this JSON file")
+    parser.add_argument("--run", nargs="+", action="append", default=[], metavar="LABEL CONFIG [KEY VALUE]",
+                        help="a labelled run: its config file and its own overrides (repeatable; replaces "
+                             "--config-file; each run trains in a process of its own)")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="draw AP and AP50 against minutes to this file")
+    parser.add_argument("--from-json", nargs="+", default=[], metavar="FILE",
+                        help="train nothing: print and plot the runs of earlier --json files")
+    parser.add_argument("--labels", nargs="+", default=[], metavar="LABEL",
+                        help="with --from-json: only these runs, in this order")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
     return parser
 
@@ -154,10 +175,124 @@ def format_table(rows: Sequence[Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def slug(label: str) -> str:
+    """A folder name for a run label: lower case, runs of other characters as one '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "run"
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_in_subprocess(label: str, config: str, opts: Sequence[str], points: Sequence[float], output_dir: str) -> Dict:
+    """One run of this script (``--config-file``) in a fresh process; its JSON result with ``label`` added."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "curve.json")
+        command = [sys.executable, os.path.abspath(__file__), "--eval-at-minutes", *map(str, points),
+                   "--config-file", config, "--output-dir", output_dir, "--json", result_path, *opts]
+        logger.info("Run %r: %s", label, " ".join(command))
+        subprocess.run(command, check=True)
+        result = load_runs([result_path])[0]
+    result["label"] = label
+    return result
+
+
+def plot_curves(runs: Sequence[Dict], path: str) -> None:
+    """AP and AP50 against training minutes, one line a run, side by side, to a PNG at ``path``; each point at the
+    training time its model was evaluated at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for metric, ax in zip(("AP", "AP50"), axes):
+        for run in runs:
+            # At the training time each model was evaluated at (a run that SOLVER.MAX_ITER ended early stops there).
+            points = list({p["iteration"]: p for p in run["points"]}.values())
+            ax.plot([p["train_minutes"] for p in points], [p[metric] for p in points], marker="o",
+                    label=run["label"])
+        ax.set_xlabel("training minutes (evaluation excluded)")
+        ax.set_ylabel(f"COCO box {metric} (%)")
+        ax.set_ylim(0, 100)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper left")
+    first = runs[0]
+    fig.suptitle(f"{first['dataset']}: {first['device']}, {first['torch_threads']} torch threads, {cpu_name()}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_runs(paths: Sequence[str]) -> List[Dict]:
+    """The runs of earlier ``--json`` files (of one run or of several), in order."""
+    runs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+        runs.extend(result["runs"] if "runs" in result else [result])
+    return runs
+
+
+def report(results: Sequence[Dict], args: argparse.Namespace) -> None:
+    """One table per run, then the --json file and the --plot of all of them."""
+    for result in results:
+        print(f"\n{result['label']}: {result['config_file']} {' '.join(result['opts'])} on {result['dataset']} "
+              f"({result['device']}, {result['torch_threads']} torch threads, {cpu_name()}):")
+        print(format_table(result["points"]))
+    if args.json:
+        # One run: its dict; several: {"cpu", "runs": [...]} (load_runs reads both).
+        payload = {**results[0], "cpu": cpu_name()} if len(results) == 1 else {"cpu": cpu_name(), "runs": list(results)}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+        print(f"Wrote {args.json}")
+    if args.plot:
+        plot_curves(results, args.plot)
+        print(f"Wrote {args.plot}")
+
+
+def main_runs(args: argparse.Namespace) -> int:
+    """The ``--run`` mode: every run in a process of its own, then one table each, the JSON and the plot."""
+    for run in args.run:
+        if len(run) < 2 or len(run) % 2:
+            sys.exit(f"quickstart_curve.py: error: --run takes LABEL CONFIG and KEY VALUE pairs, got {run}")
+        if not os.path.isfile(run[1]):
+            sys.exit(f"quickstart_curve.py: error: --run {run[0]!r}: no config file {run[1]!r}")
+    labels = [run[0] for run in args.run]
+    if len(set(map(slug, labels))) != len(labels):
+        sys.exit(f"quickstart_curve.py: error: run labels must differ (as folder names): {labels}")
+    setup_logger(name="quickstart_curve")
+    base = args.output_dir or os.path.join("output", "curves")
+    report([run_in_subprocess(label, config, opts, args.eval_at_minutes, os.path.join(base, slug(label)))
+            for label, config, *opts in args.run], args)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     if any(m <= 0 for m in args.eval_at_minutes):
         sys.exit("quickstart_curve.py: error: --eval-at-minutes must all be positive")
+    if args.from_json:
+        runs = {run["label"]: run for run in load_runs(args.from_json)}
+        missing = [label for label in args.labels if label not in runs]
+        if missing:
+            sys.exit(f"quickstart_curve.py: error: no run labelled {missing} in {args.from_json} (runs: {list(runs)})")
+        report([runs[label] for label in args.labels] if args.labels else list(runs.values()), args)
+        return 0
+    if args.run:
+        if args.opts:
+            sys.exit("quickstart_curve.py: error: with --run, put overrides in the runs (--run LABEL CONFIG KEY VALUE)")
+        return main_runs(args)
     cfg = setup(args)
     if not len(cfg.DATASETS.TEST):
         sys.exit("quickstart_curve.py: error: the config has no DATASETS.TEST to evaluate on")
@@ -167,16 +302,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer.train()
     except StopTraining:
         logger.info("Stopped after the last curve point")
-    rows = trainer.curve_hook.rows
-    print(f"\nLearning curve of {args.config_file} on {cfg.DATASETS.TEST[0]} "
-          f"({cfg.MODEL.DEVICE}, {torch.get_num_threads()} torch threads):")
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"config_file": args.config_file, "opts": list(args.opts), "device": cfg.MODEL.DEVICE,
-                       "torch_threads": torch.get_num_threads(), "dataset": cfg.DATASETS.TEST[0], "points": rows},
-                      f, indent=2)
-        print(f"Wrote {args.json}")
+    report([{"label": os.path.basename(args.config_file), "config_file": args.config_file, "opts": list(args.opts),
+             "device": cfg.MODEL.DEVICE, "torch_threads": torch.get_num_threads(), "dataset": cfg.DATASETS.TEST[0],
+             "points": trainer.curve_hook.rows}], args)
     return 0
 
 
