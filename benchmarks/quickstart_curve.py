@@ -235,12 +235,11 @@ def plot_curves(runs: Sequence[Dict], path: str) -> None:
 
 
 def load_runs(paths: Sequence[str]) -> List[Dict]:
-    """The runs of earlier ``--json`` files (of one run or of several), in order."""
+    """The runs of earlier ``--json`` files, in order."""
     runs = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
-            result = json.load(f)
-        runs.extend(result["runs"] if "runs" in result else [result])
+            runs.extend(json.load(f)["runs"])
     return runs
 
 
@@ -251,10 +250,8 @@ def report(results: Sequence[Dict], args: argparse.Namespace) -> None:
               f"({result['device']}, {result['torch_threads']} torch threads, {cpu_name()}):")
         print(format_table(result["points"]))
     if args.json:
-        # One run: its dict; several: {"cpu", "runs": [...]} (load_runs reads both).
-        payload = {**results[0], "cpu": cpu_name()} if len(results) == 1 else {"cpu": cpu_name(), "runs": list(results)}
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
+            json.dump({"cpu": cpu_name(), "runs": list(results)}, f, indent=2)
         print(f"Wrote {args.json}")
     if args.plot:
         plot_curves(results, args.plot)

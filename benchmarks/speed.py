@@ -373,27 +373,25 @@ class Worker:
                  if name.count(".") == 1 and count}
         return {"total": total / 1e9, "by_module": parts}
 
-    def profile(self, kind: str, batch: int, size: Tuple[int, int], rows: int) -> Dict[str, str]:
-        """torch.profiler's operator table (self time) of one inference or training step."""
+    def _profiled(self, kind: str, batch: int, size: Tuple[int, int]):
+        """torch.profiler's record (CPU, and CUDA on a GPU) of one ``infer`` or ``train`` call."""
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.startswith("cuda") else [])
         run = self.infer if kind == "infer" else self.train
         with profile(activities=activities) as prof:
             run(batch, size)
-        sort = "self_cuda_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
-        return {"table": prof.key_averages().table(sort_by=sort, row_limit=rows)}
+        return prof
 
+    def profile(self, kind: str, batch: int, size: Tuple[int, int], rows: int) -> Dict[str, str]:
+        """torch.profiler's operator table (self time) of one inference or training step."""
+        sort = "self_cuda_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
+        return {"table": self._profiled(kind, batch, size).key_averages().table(sort_by=sort, row_limit=rows)}
 
     def sampling_share(self, kind: str, batch: int, size: Tuple[int, int]) -> Dict[str, float]:
-        """Share (%) of one profiled inference or training call's time spent in the deformable attention's sampling:
-        its forward (the labelled calls) and, in training, its backward nodes; 0 for a model without it."""
-        from torch.profiler import ProfilerActivity, profile
-
-        run = self.infer if kind == "infer" else self.train
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run(batch, size)
-        events = prof.key_averages()
+        """Share (%) of one profiled inference or training call's CPU time spent in the deformable attention's
+        sampling: its forward (the labelled calls) and, in training, its backward nodes; 0 for a model without it."""
+        events = self._profiled(kind, batch, size).key_averages()
         total = sum(e.self_cpu_time_total for e in events)
         sampling = sum(e.cpu_time_total for e in events if e.key == SAMPLING_LABEL or e.key in SAMPLING_BACKWARD)
         return {"percent": 100.0 * sampling / total if total else 0.0}
