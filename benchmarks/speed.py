@@ -284,9 +284,16 @@ class Worker:
                 "peak_gb": _peak_memory_gb(self.device)}
 
     def train(self, batch: int, size: Tuple[int, int]) -> Dict[str, float]:
-        """One timed training step: forward (with matching and losses), backward, optimizer step."""
+        """One timed training step: forward (with matching and losses), backward, optimizer step; the forward under
+        autocast when the config's SOLVER.AMP.ENABLED says so, as in tools/train_net.py."""
+        import torch
         from detectron2.utils.events import EventStorage
 
+        from d2_detr.engine.train_loop import amp_dtype
+
+        device_type = torch.device(self.device).type
+        amp = self.cfg.SOLVER.AMP
+        autocast = torch.autocast(device_type, dtype=amp_dtype(amp.DTYPE, device_type), enabled=amp.ENABLED)
         model = self.model.train()
         inputs = self._training_batch(batch, size, self.cfg.MODEL.DETR.NUM_CLASSES, seed=2)
         self.optimizer.zero_grad(set_to_none=True)
@@ -295,7 +302,8 @@ class Worker:
         with EventStorage():
             self._sync()
             t0, cpu_start = time.perf_counter(), time.process_time()
-            losses = model(inputs)
+            with autocast:
+                losses = model(inputs)
             total = sum(losses.values())
             self._sync()
             t1 = time.perf_counter()

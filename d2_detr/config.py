@@ -112,6 +112,11 @@ def add_detr_config(cfg: CN) -> None:
     # thread count and load (benchmarks/README.md); no effect on GPU, under autocast, or while exporting. Uses a
     # private torch entry point, checked once per process: where it is missing or wrong, F.linear is used.
     detr.ONEDNN_LINEAR = False
+    # How the transformers' multi-head attention is computed: "sdpa" (F.scaled_dot_product_attention, fused kernels
+    # where the device has them) or, opt-in, "matmul" (explicit matrix products, softmax in float32). Under bfloat16
+    # autocast on CPU the fused kernel can be several times slower for short sequences and narrow heads
+    # (benchmarks/README.md); same outputs up to float rounding.
+    detr.ATTENTION_KERNEL = "sdpa"
     # Compile the transformer with torch.compile (the first iterations, and new input shapes, compile).
     detr.COMPILE_TRANSFORMER = False
     # torch.compile backend used with COMPILE_TRANSFORMER ("inductor", "aot_eager", ...).

@@ -137,6 +137,8 @@ def test_built_from_config():
     assert transformer.two_stage_num_proposals == 300 and transformer.num_feature_levels == 4
     layer = transformer.encoder.layers[0]
     assert layer.linear1.out_features == 1024 and layer.self_attn.num_points == 4
-    assert transformer.padding_invariant
-    cfg = load_config(f"{REPO_DIR}/configs/deformable_detr_r50.yaml", "MODEL.DEFORMABLE_DETR.PADDING_INVARIANT", False)
-    assert not build_transformer(cfg).padding_invariant
+    assert transformer.padding_invariant and transformer.decoder.layers[0].self_attn.kernel == "sdpa"
+    cfg = load_config(f"{REPO_DIR}/configs/deformable_detr_r50.yaml", "MODEL.DEFORMABLE_DETR.PADDING_INVARIANT", False,
+                      "MODEL.DETR.ATTENTION_KERNEL", "matmul")
+    transformer = build_transformer(cfg)
+    assert not transformer.padding_invariant and transformer.decoder.layers[-1].self_attn.kernel == "matmul"

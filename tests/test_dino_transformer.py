@@ -88,7 +88,9 @@ def test_padded_cells_are_never_selected():
 
 
 def test_from_config():
-    transformer = DinoTransformer(load_config(TINY_DINO, "MODEL.DINO.LOOK_FORWARD_TWICE", False))
+    transformer = DinoTransformer(load_config(TINY_DINO, "MODEL.DINO.LOOK_FORWARD_TWICE", False,
+                                              "MODEL.DETR.ATTENTION_KERNEL", "matmul"))
     assert transformer.num_queries == 10 and transformer.query_selection == "mixed"
+    assert {layer.self_attn.kernel for layer in transformer.decoder.layers} == {"matmul"}
     assert not transformer.decoder.look_forward_twice and transformer.two_stage
     assert transformer.decoder.layers[0].cross_attn.num_points == 2 and transformer.num_feature_levels == 4

@@ -6,6 +6,7 @@ import torch
 from detectron2.config import get_cfg
 
 from d2_detr.config import add_detr_config
+from d2_detr.layers.attention import ATTENTION_KERNELS
 from d2_detr.modeling.registry import build_transformer
 from d2_detr.modeling.transformer import DetrTransformer, FusedMultiheadAttention
 
@@ -239,6 +240,10 @@ def test_build_from_config():
     cfg.MODEL.DETR.ONEDNN_LINEAR = True  # opt-in
     opted_in = build_transformer(cfg)
     assert opted_in.encoder.layers[0].linear2.onednn and opted_in.decoder.layers[1].multihead_attn.onednn_linear
+    assert {m.kernel for m in model.modules() if isinstance(m, FusedMultiheadAttention)} == {"sdpa"}
+    cfg.MODEL.DETR.ATTENTION_KERNEL = "matmul"  # opt-in
+    kernels = [m.kernel for m in build_transformer(cfg).modules() if isinstance(m, FusedMultiheadAttention)]
+    assert kernels == ["matmul"] * 5  # 1 encoder layer, 2 decoder layers with 2 attentions each
     cfg.MODEL.DETR.NHEADS = 5
     with pytest.raises(ValueError, match="divisible"):
         build_transformer(cfg)
@@ -273,22 +278,52 @@ def _attention_inputs(self_attention: bool):
     return query, key, value, mask
 
 
+@pytest.mark.parametrize("kernel", ATTENTION_KERNELS)
 @pytest.mark.parametrize("self_attention", [True, False])
-def test_fused_attention_equals_explicit_softmax_attention(self_attention):
+def test_fused_attention_equals_explicit_softmax_attention(self_attention, kernel):
     torch.manual_seed(0)
-    attn = FusedMultiheadAttention(D, NHEAD, dropout=0.3).eval()
+    attn = FusedMultiheadAttention(D, NHEAD, dropout=0.3, kernel=kernel).eval()
     inputs = _attention_inputs(self_attention)
     fused = attn(*inputs[:3], key_padding_mask=inputs[3])
     explicit = _explicit_attention(attn, *inputs)
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
 
     # Gradients too (training mode without dropout), with respect to the inputs and every parameter.
-    attn = FusedMultiheadAttention(D, NHEAD, dropout=0.0).train()
+    attn = FusedMultiheadAttention(D, NHEAD, dropout=0.0, kernel=kernel).train()
     leaves = list(dict.fromkeys(inputs[:3])) + list(attn.parameters())  # query is key: once
     grads_fused = torch.autograd.grad(attn(*inputs[:3], key_padding_mask=inputs[3]).square().sum(), leaves)
     grads_explicit = torch.autograd.grad(_explicit_attention(attn, *inputs).square().sum(), leaves)
     for got, expected in zip(grads_fused, grads_explicit):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_kernels_agree_under_bfloat16_autocast_with_a_mask():
+    """Both kernels under CPU bfloat16 autocast, with a padding mask and a (L, S) attention mask, stay within
+    bfloat16 rounding of float32 attention; the matmul kernel's softmax runs in float32."""
+    query, key, value, padding = _attention_inputs(self_attention=False)
+    attn_mask = torch.zeros(query.shape[0], key.shape[0], dtype=torch.bool)
+    attn_mask[:3, :4] = True  # the first 3 queries do not see the first 4 keys
+    torch.manual_seed(0)
+    attn = FusedMultiheadAttention(D, NHEAD).eval()
+    expected = attn(query, key, value, key_padding_mask=padding, attn_mask=attn_mask)
+    for kernel in ATTENTION_KERNELS:
+        attn.kernel = kernel
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = attn(query, key, value, key_padding_mask=padding, attn_mask=attn_mask)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+    attn.kernel = "matmul"
+    masked = attn(query, key, value, attn_mask=attn_mask)
+    key = key.clone()
+    key[:4] += 10.0  # keys the first 3 queries do not see: their outputs do not change
+    changed = attn(query, key, value, attn_mask=attn_mask)
+    torch.testing.assert_close(changed[:3], masked[:3])
+    assert not torch.allclose(changed[3:], masked[3:])
+
+
+def test_unknown_attention_kernel_is_refused_with_the_config_key():
+    with pytest.raises(ValueError, match="MODEL.DETR.ATTENTION_KERNEL"):
+        FusedMultiheadAttention(D, NHEAD, kernel="flash")
 
 
 @pytest.mark.parametrize("self_attention", [True, False])

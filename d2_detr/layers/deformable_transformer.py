@@ -136,14 +136,15 @@ class DeformableDecoderLayer(nn.Module):
     each with a residual, dropout and a LayerNorm after it (post-norm)."""
 
     def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 1024, dropout: float = 0.1,
-                 num_levels: int = 4, num_points: int = 4, onednn_linear: bool = False) -> None:
+                 num_levels: int = 4, num_points: int = 4, onednn_linear: bool = False,
+                 attention_kernel: str = "sdpa") -> None:
         """Arguments as in :class:`DeformableEncoderLayer`; ``dropout`` also applies to the attention weights of
-        the self-attention."""
+        the self-attention, computed by ``attention_kernel`` (:data:`~d2_detr.layers.attention.ATTENTION_KERNELS`)."""
         super().__init__()
         self.cross_attn = MultiScaleDeformableAttention(d_model, nhead, num_levels, num_points, onednn_linear)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear)
+        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear, attention_kernel)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = Linear(d_model, dim_feedforward, onednn=onednn_linear)

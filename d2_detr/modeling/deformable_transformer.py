@@ -92,7 +92,8 @@ def deformable_size_args(cfg, name: str) -> dict:
 
 def deformable_layers(d_model: int, nhead: int, num_encoder_layers: int, dim_feedforward: int, dropout: float,
                       num_feature_levels: int, enc_n_points: int, dec_n_points: int,
-                      onednn_linear: bool) -> Tuple[DeformableEncoder, DeformableDecoderLayer]:
+                      onednn_linear: bool,
+                      attention_kernel: str = "sdpa") -> Tuple[DeformableEncoder, DeformableDecoderLayer]:
     """The deformable encoder and one decoder layer (for the decoder to copy), of the given sizes (see
     :class:`DeformableTransformer`)."""
     if d_model % nhead != 0:
@@ -100,7 +101,7 @@ def deformable_layers(d_model: int, nhead: int, num_encoder_layers: int, dim_fee
     encoder_layer = DeformableEncoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, enc_n_points,
                                            onednn_linear)
     decoder_layer = DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, num_feature_levels, dec_n_points,
-                                           onednn_linear)
+                                           onednn_linear, attention_kernel)
     return DeformableEncoder(encoder_layer, num_encoder_layers), decoder_layer
 
 
@@ -175,7 +176,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 1024, dropout: float = 0.1, num_feature_levels: int = 4, enc_n_points: int = 4,
                  dec_n_points: int = 4, two_stage: bool = False, two_stage_num_proposals: int = 300,
-                 onednn_linear: bool = False, padding_invariant: bool = True) -> None:
+                 onednn_linear: bool = False, attention_kernel: str = "sdpa", padding_invariant: bool = True) -> None:
         """
         Args:
             d_model, nhead: feature width d, and attention heads (dividing d) in every attention.
@@ -188,6 +189,8 @@ class DeformableTransformer(nn.Module):
             two_stage: queries from the encoder's proposals instead of a learned embedding.
             two_stage_num_proposals: proposals kept as queries (two-stage; the number of queries).
             onednn_linear: matrix products through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`).
+            attention_kernel: how the decoder's self-attention is computed
+                (:data:`~d2_detr.layers.attention.ATTENTION_KERNELS`).
             padding_invariant: padded cells are never selected as proposals, and the model gives the levels
                 ceil-rule padding masks; False: the original's behaviour (module docstring).
         """
@@ -198,7 +201,8 @@ class DeformableTransformer(nn.Module):
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
         self.encoder, decoder_layer = deformable_layers(d_model, nhead, num_encoder_layers, dim_feedforward, dropout,
-                                                        num_feature_levels, enc_n_points, dec_n_points, onednn_linear)
+                                                        num_feature_levels, enc_n_points, dec_n_points, onednn_linear,
+                                                        attention_kernel)
         self.decoder = DeformableDecoder(decoder_layer, num_decoder_layers)
         self.num_decoder_layers = num_decoder_layers
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))

@@ -46,11 +46,12 @@ class DinoTransformer(nn.Module):
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 2048, dropout: float = 0.0, num_feature_levels: int = 4, enc_n_points: int = 4,
                  dec_n_points: int = 4, num_queries: int = 900, query_selection: str = "mixed",
-                 look_forward_twice: bool = True, onednn_linear: bool = False, padding_invariant: bool = True) -> None:
+                 look_forward_twice: bool = True, onednn_linear: bool = False, attention_kernel: str = "sdpa",
+                 padding_invariant: bool = True) -> None:
         """
         Args:
             d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, num_feature_levels,
-                enc_n_points, dec_n_points, onednn_linear, padding_invariant: as in
+                enc_n_points, dec_n_points, onednn_linear, attention_kernel, padding_invariant: as in
                 :class:`~d2_detr.modeling.deformable_transformer.DeformableTransformer` (DINO: FFN 2048, dropout 0).
             num_queries: Q, the matching queries.
             query_selection: "mixed", "pure" or "static" (module docstring).
@@ -67,7 +68,8 @@ class DinoTransformer(nn.Module):
         self.query_selection = query_selection
         self.padding_invariant = padding_invariant
         self.encoder, decoder_layer = deformable_layers(d_model, nhead, num_encoder_layers, dim_feedforward, dropout,
-                                                        num_feature_levels, enc_n_points, dec_n_points, onednn_linear)
+                                                        num_feature_levels, enc_n_points, dec_n_points, onednn_linear,
+                                                        attention_kernel)
         self.decoder = DinoDecoder(decoder_layer, num_decoder_layers, d_model, look_forward_twice, padding_invariant)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if query_selection != "pure":

@@ -40,7 +40,7 @@ def build_transformer(cfg):
 
 def transformer_size_args(cfg) -> dict:
     """The constructor arguments every DETR-family transformer reads from ``MODEL.DETR``: width, heads, depths,
-    feed-forward width, dropout and the oneDNN option."""
+    feed-forward width, dropout, and the oneDNN and attention-kernel options."""
     detr = cfg.MODEL.DETR
     return {
         "d_model": detr.HIDDEN_DIM,
@@ -50,6 +50,7 @@ def transformer_size_args(cfg) -> dict:
         "dim_feedforward": detr.DIM_FEEDFORWARD,
         "dropout": detr.DROPOUT,
         "onednn_linear": detr.ONEDNN_LINEAR,
+        "attention_kernel": detr.ATTENTION_KERNEL,
     }
 
 

@@ -44,6 +44,7 @@ class TransformerEncoderLayer(nn.Module):
         dropout: float = 0.1,
         normalize_before: bool = False,
         onednn_linear: bool = False,
+        attention_kernel: str = "sdpa",
     ) -> None:
         """
         Args:
@@ -53,9 +54,10 @@ class TransformerEncoderLayer(nn.Module):
             dropout: dropout in attention and after each sub-layer.
             normalize_before: pre-norm (LayerNorm before each sub-layer) instead of post-norm.
             onednn_linear: matrix products through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`).
+            attention_kernel: how attention is computed (:data:`d2_detr.layers.attention.ATTENTION_KERNELS`).
         """
         super().__init__()
-        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear)
+        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear, attention_kernel)
         self.linear1 = Linear(d_model, dim_feedforward, onednn=onednn_linear)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = Linear(dim_feedforward, d_model, onednn=onednn_linear)
@@ -107,11 +109,12 @@ class TransformerDecoderLayer(nn.Module):
         dropout: float = 0.1,
         normalize_before: bool = False,
         onednn_linear: bool = False,
+        attention_kernel: str = "sdpa",
     ) -> None:
         """Arguments as in :class:`TransformerEncoderLayer`."""
         super().__init__()
-        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear)
-        self.multihead_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear)
+        self.self_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear, attention_kernel)
+        self.multihead_attn = FusedMultiheadAttention(d_model, nhead, dropout, onednn_linear, attention_kernel)
         self.linear1 = Linear(d_model, dim_feedforward, onednn=onednn_linear)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = Linear(dim_feedforward, d_model, onednn=onednn_linear)
@@ -266,6 +269,7 @@ class DetrTransformer(nn.Module):
         normalize_before: bool = False,
         return_intermediate_dec: bool = False,
         onednn_linear: bool = False,
+        attention_kernel: str = "sdpa",
     ) -> None:
         """
         Args:
@@ -279,17 +283,19 @@ class DetrTransformer(nn.Module):
             return_intermediate_dec: return every decoder layer's output (for deep supervision).
             onednn_linear: matrix products through oneDNN on CPU (:func:`d2_detr.layers.linear.linear`);
                 the same results up to float rounding.
+            attention_kernel: how attention is computed (:data:`d2_detr.layers.attention.ATTENTION_KERNELS`); the
+                same results up to float rounding.
         """
         super().__init__()
         if d_model % nhead != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
         encoder_layer = TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout, normalize_before, onednn_linear
+            d_model, nhead, dim_feedforward, dropout, normalize_before, onednn_linear, attention_kernel
         )
         encoder_norm = nn.LayerNorm(d_model) if normalize_before else None
         self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers, encoder_norm)
         decoder_layer = TransformerDecoderLayer(
-            d_model, nhead, dim_feedforward, dropout, normalize_before, onednn_linear
+            d_model, nhead, dim_feedforward, dropout, normalize_before, onednn_linear, attention_kernel
         )
         self.decoder = TransformerDecoder(
             decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate=return_intermediate_dec
