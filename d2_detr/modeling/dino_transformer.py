@@ -61,16 +61,16 @@ class DinoTransformer(nn.Module):
         super().__init__()
         if query_selection not in QUERY_SELECTIONS:
             raise ValueError(f"MODEL.DINO.QUERY_SELECTION={query_selection!r}: choose one of {QUERY_SELECTIONS}")
+        self.encoder, decoder_layer = deformable_layers(d_model, nhead, num_encoder_layers, dim_feedforward, dropout,
+                                                        num_feature_levels, enc_n_points, dec_n_points, onednn_linear,
+                                                        attention_kernel)
+        self.decoder = DinoDecoder(decoder_layer, num_decoder_layers, d_model, look_forward_twice, padding_invariant)
         self.d_model = d_model
         self.num_feature_levels = num_feature_levels
         self.num_decoder_layers = num_decoder_layers
         self.num_queries = num_queries
         self.query_selection = query_selection
         self.padding_invariant = padding_invariant
-        self.encoder, decoder_layer = deformable_layers(d_model, nhead, num_encoder_layers, dim_feedforward, dropout,
-                                                        num_feature_levels, enc_n_points, dec_n_points, onednn_linear,
-                                                        attention_kernel)
-        self.decoder = DinoDecoder(decoder_layer, num_decoder_layers, d_model, look_forward_twice, padding_invariant)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if query_selection != "pure":
             self.tgt_embed = nn.Embedding(num_queries, d_model)
