@@ -10,7 +10,7 @@ import math
 import os
 import subprocess
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -129,19 +129,37 @@ class MLP(nn.Module):
         return self.layers[2](F.relu(self.layers[1](F.relu(self.layers[0](x)))))
 
 
+def add_reference_levels(model: nn.Module, d: int) -> None:
+    """The original layout's ``backbone`` (torchvision ResNet-18 C3-C5, frozen BatchNorm) and ``input_proj`` (1x1
+    convolutions of C3-C5, one stride-2 3x3 convolution of C5 for a fourth level, each with GroupNorm(32)) on
+    ``model``."""
+    resnet = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    body = nn.Module()
+    body.body = IntermediateLayerGetter(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"})
+    model.backbone = nn.ModuleList([body])
+    model.input_proj = nn.ModuleList(
+        [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in (128, 256, 512)]
+        + [nn.Sequential(nn.Conv2d(512, d, 3, stride=2, padding=1), nn.GroupNorm(32, d))])
+
+
+def reference_levels(model: nn.Module, image: Tensor) -> Tuple[List[Tensor], List[Tuple[int, int]], Tensor]:
+    """ONE 0-255 RGB image (3, h, w) through the modules of :func:`add_reference_levels` on ``model``: the 4 levels
+    (d, h_l, w_l), their sizes, and their cells flattened level after level (S, d)."""
+    x = ((image / 255 - torch.tensor(MEAN01)[:, None, None]) / torch.tensor(STD01)[:, None, None])[None]
+    feats = list(model.backbone[0].body(x).values())
+    srcs = [proj(f)[0] for proj, f in zip(model.input_proj, feats)]
+    srcs.append(model.input_proj[3](feats[-1])[0])
+    shapes = [tuple(s.shape[-2:]) for s in srcs]
+    return srcs, shapes, torch.cat([s.flatten(1).t() for s in srcs])
+
+
 class ReferenceDeformableDetr(nn.Module):
     """torchvision ResNet-18 C3-C5 + one extra level, deformable transformer, 91-row sigmoid heads."""
 
     def __init__(self, refine: bool, two_stage: bool, num_classes: int = 91, d=64, nhead=4, ff=64, enc=2, dec=2,
                  queries=12, points=2) -> None:
         super().__init__()
-        resnet = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
-        body = nn.Module()
-        body.body = IntermediateLayerGetter(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"})
-        self.backbone = nn.ModuleList([body])
-        self.input_proj = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in (128, 256, 512)]
-            + [nn.Sequential(nn.Conv2d(512, d, 3, stride=2, padding=1), nn.GroupNorm(32, d))])
+        add_reference_levels(self, d)
         self.transformer = nn.Module()
         self.transformer.level_embed = nn.Parameter(torch.randn(4, d))
         self.transformer.encoder = Stack([EncoderLayer(d, ff, 4, nhead, points) for _ in range(enc)])
@@ -164,12 +182,7 @@ class ReferenceDeformableDetr(nn.Module):
     def forward(self, image: Tensor) -> Dict[str, Tensor]:
         """ONE 0-255 RGB image (3, h, w), no padding -> last layer's logits (Q, K) and boxes (Q, 4)."""
         t = self.transformer
-        x = ((image / 255 - torch.tensor(MEAN01)[:, None, None]) / torch.tensor(STD01)[:, None, None])[None]
-        feats = list(self.backbone[0].body(x).values())
-        srcs = [proj(f)[0] for proj, f in zip(self.input_proj, feats)]
-        srcs.append(self.input_proj[3](feats[-1])[0])
-        shapes = [tuple(s.shape[-2:]) for s in srcs]
-        src = torch.cat([s.flatten(1).t() for s in srcs])  # (S, d)
+        srcs, shapes, src = reference_levels(self, image)
         pos = []
         for level, (h, w) in enumerate(shapes):
             ys = (torch.arange(1, h + 1.0) - 0.5) / (h + 1e-6) * 2 * math.pi
@@ -242,12 +255,9 @@ def _images():
 # ---------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_converted_model_matches_reference_on_a_padded_batch(variant, tmp_path, one_thread):
-    """Logits (on Detectron2's 80 COCO classes) and boxes of the converted model on a padded batch of two images
-    equal the reference's on each image alone, within 1e-4."""
-    reference = reference_model(variant)
-    model = converted_model(reference, variant, tmp_path)
+def assert_matches_reference_per_image(model: nn.Module, reference: nn.Module) -> None:
+    """``model``'s logits (on Detectron2's 80 COCO classes) and boxes on the padded batch of the test images equal
+    ``reference``'s on each image alone, within TOLERANCE."""
     images = _images()
     with torch.no_grad():
         ours = model.predict(model.preprocess_image([{"image": im} for im in images]))
@@ -257,6 +267,15 @@ def test_converted_model_matches_reference_on_a_padded_batch(variant, tmp_path, 
         assert ref["logits"].abs().max() > 1  # a non-trivial comparison
         torch.testing.assert_close(ours["pred_logits"][i], ref["logits"][:, rows], rtol=0, atol=TOLERANCE)
         torch.testing.assert_close(ours["pred_boxes"][i], ref["boxes"], rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_converted_model_matches_reference_on_a_padded_batch(variant, tmp_path, one_thread):
+    """Logits (on Detectron2's 80 COCO classes) and boxes of the converted model on a padded batch of two images
+    equal the reference's on each image alone, within 1e-4."""
+    reference = reference_model(variant)
+    model = converted_model(reference, variant, tmp_path)
+    assert_matches_reference_per_image(model, reference)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

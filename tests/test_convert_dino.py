@@ -9,22 +9,19 @@ from typing import Dict
 
 import pytest
 import torch
-import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.models._utils import IntermediateLayerGetter
 
 from d2_detr.checkpoint import coco_sigmoid_class_head_rows, save_converted_checkpoint
 from d2_detr.checkpoint.convert_dino import convert_dino_state_dict, is_dino_state_dict
 
 from .conftest import REPO_DIR, TESTS_DIR, load_config
 from .model_helpers import randomize_every_tensor
-from .test_checkpoint_convert import MEAN01, STD01, FrozenBatchNorm2d
-from .test_convert_deformable import IMAGE_SIZES, MLP, DecoderLayer, EncoderLayer, Stack, _images, reference_model
+from .test_convert_deformable import (MLP, DecoderLayer, EncoderLayer, Stack, add_reference_levels,
+                                     assert_matches_reference_per_image, reference_levels, reference_model)
 
-TOLERANCE = 1e-4
 TINY = dict(d=64, nhead=4, ff=64, enc=2, dec=2, queries=12, points=2)
 TINY_OPTS = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.STEM_OUT_CHANNELS", 64, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
              "MODEL.DETR.NUM_OBJECT_QUERIES", 12, "MODEL.DETR.NUM_CLASSES", 80, "MODEL.DETR.TEST_TOPK", 0,
@@ -58,13 +55,7 @@ class ReferenceDino(nn.Module):
 
     def __init__(self, d=64, nhead=4, ff=64, enc=2, dec=2, queries=12, points=2, num_classes=91) -> None:
         super().__init__()
-        resnet = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
-        body = nn.Module()
-        body.body = IntermediateLayerGetter(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"})
-        self.backbone = nn.ModuleList([body])
-        self.input_proj = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in (128, 256, 512)]
-            + [nn.Sequential(nn.Conv2d(512, d, 3, stride=2, padding=1), nn.GroupNorm(32, d))])
+        add_reference_levels(self, d)
         t = self.transformer = nn.Module()
         t.level_embed = nn.Parameter(torch.randn(4, d))
         t.encoder = Stack([EncoderLayer(d, ff, 4, nhead, points) for _ in range(enc)])
@@ -82,12 +73,7 @@ class ReferenceDino(nn.Module):
     def forward(self, image: Tensor) -> Dict[str, Tensor]:
         """ONE 0-255 RGB image (3, h, w), no padding -> last layer's logits (Q, K) and boxes (Q, 4)."""
         t, d = self.transformer, self.d
-        x = ((image / 255 - torch.tensor(MEAN01)[:, None, None]) / torch.tensor(STD01)[:, None, None])[None]
-        feats = list(self.backbone[0].body(x).values())
-        srcs = [proj(f)[0] for proj, f in zip(self.input_proj, feats)]
-        srcs.append(self.input_proj[3](feats[-1])[0])
-        shapes = [tuple(s.shape[-2:]) for s in srcs]
-        src = torch.cat([s.flatten(1).t() for s in srcs])  # (S, d)
+        srcs, shapes, src = reference_levels(self, image)
         pos = []
         for level, (h, w) in enumerate(shapes):  # no -0.5 offset, temperature 20
             ys = torch.arange(1, h + 1.0) / (h + 1e-6) * 2 * math.pi
@@ -136,16 +122,7 @@ def test_converted_model_matches_reference_on_a_padded_batch(tmp_path, one_threa
     save_converted_checkpoint(convert_dino_state_dict(reference.state_dict()), path)
     model = build_model(load_config(os.path.join(TESTS_DIR, "configs", "tiny_dino.yaml"), *TINY_OPTS)).eval()
     DetectionCheckpointer(model).load(path)
-    images = _images()
-    assert len(images) == len(IMAGE_SIZES)
-    with torch.no_grad():
-        ours = model.predict(model.preprocess_image([{"image": im} for im in images]))
-        expected = [reference(im) for im in images]
-    rows = torch.tensor(coco_sigmoid_class_head_rows())
-    for i, ref in enumerate(expected):
-        assert ref["logits"].abs().max() > 1  # a non-trivial comparison
-        torch.testing.assert_close(ours["pred_logits"][i], ref["logits"][:, rows], rtol=0, atol=TOLERANCE)
-        torch.testing.assert_close(ours["pred_boxes"][i], ref["boxes"], rtol=0, atol=TOLERANCE)
+    assert_matches_reference_per_image(model, reference)
 
 
 def test_conversion_renames_maps_rows_and_drops_the_decoder_copies():
