@@ -1,5 +1,6 @@
 """Shared test set-up: datasets go to a per-session temporary root, never into the repository."""
 import os
+import signal
 import tempfile
 
 os.environ.setdefault("DETECTRON2_DATASETS", tempfile.mkdtemp(prefix="d2_detr_test_datasets_"))
@@ -17,6 +18,13 @@ from d2_detr import add_detr_config  # noqa: E402
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
 TINY_CONFIG = os.path.join(TESTS_DIR, "configs", "tiny.yaml")
+
+
+def sigint_default() -> None:
+    """A ``preexec_fn`` for a child the test interrupts: SIGINT back to its default action before the exec, so that
+    the child handles it as it would from a terminal even when the tests run where SIGINT is ignored (a
+    background job of a non-interactive shell), which the child would otherwise inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def load_config(path: str = TINY_CONFIG, *opts):

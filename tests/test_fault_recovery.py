@@ -15,7 +15,7 @@ from torch import nn
 from d2_detr.checkpoint import UnreadableCheckpointError, load_checkpoint_strict
 from d2_detr.engine import AtomicDetectionCheckpointer
 
-from .conftest import REPO_DIR, TINY_CONFIG, load_config
+from .conftest import REPO_DIR, TINY_CONFIG, load_config, sigint_default
 
 TRAIN_NET = os.path.join(REPO_DIR, "tools", "train_net.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
@@ -140,7 +140,7 @@ def test_sigint_to_launcher_stops_cpu_workers_and_keeps_last_checkpoint(tmp_path
     env = dict(ENV, OMP_NUM_THREADS="1")
     with open(tmp_path / "launcher.log", "w") as log_file:
         proc = subprocess.Popen(command, env=env, cwd=REPO_DIR, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 300
         while not (out / "last_checkpoint").exists():

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import REPO_DIR
+from .conftest import REPO_DIR, sigint_default
 
 # Two CPU workers that wait until interrupted; each writes "started.<rank>.<pid>" and, when it gets
 # KeyboardInterrupt, "stopped.<rank>". Rank 1 ignores SIGINT when asked to.
@@ -68,7 +68,7 @@ def test_signal_to_launcher_stops_workers(tmp_path, sent, rank1_ignores_sigint, 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_DIR, PYTHONWARNINGS="ignore")
     command = [sys.executable, str(script), str(folder), str(int(rank1_ignores_sigint)), str(stop_timeout)]
     proc = subprocess.Popen(command, env=env, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_default)
     try:
         pids = _started_workers(folder, proc)
         proc.send_signal(sent)
