@@ -29,7 +29,9 @@ from d2_detr.modeling.denoising import denoising_attention_mask
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quickstart_curve import cpu_name  # noqa: E402  (benchmarks/quickstart_curve.py)
 
-# (label, queries, keys, denoising groups of 10 queries prepended to the queries, with their mask)
+# Queries of a denoising group: a positive and a negative copy of each of up to 5 objects (DINO's quickstart).
+DENOISING_GROUP_SIZE = 10
+# (label, queries, keys, denoising groups prepended to the queries, with their mask)
 QUICKSTART_SHAPES = (
     ("DETR encoder self-attention", 64, 64, 0),
     ("DETR decoder cross-attention", 12, 64, 0),
@@ -51,14 +53,12 @@ def time_call(attn: FusedMultiheadAttention, inputs: Tuple[torch.Tensor, ...], a
 
 def measure(queries: int, keys: int, groups: int, args: argparse.Namespace) -> Dict[str, List[float]]:
     """Per-kernel seconds of ``args.repeats`` forward-backward calls (after ``args.warmup``)."""
-    num_dn = groups * 10
     torch.manual_seed(0)
     attn = FusedMultiheadAttention(args.width, args.heads)
-    length = num_dn + queries
-    query = torch.randn(length, args.batch, args.width, requires_grad=True)
+    query = torch.randn(groups * DENOISING_GROUP_SIZE + queries, args.batch, args.width, requires_grad=True)
     if keys == queries:
         inputs = (query, query, query)
-        attn_mask = denoising_attention_mask(groups, 10, queries) if groups else None
+        attn_mask = denoising_attention_mask(groups, DENOISING_GROUP_SIZE, queries) if groups else None
     else:
         memory = torch.randn(keys, args.batch, args.width, requires_grad=True)
         inputs, attn_mask = (query, memory, memory), None
@@ -96,10 +96,11 @@ def main() -> None:
           + "  matmul vs sdpa")
     for label, queries, keys, groups in shapes:
         samples = measure(queries, keys, groups, args)
+        num_dn = groups * DENOISING_GROUP_SIZE
         medians = {k: statistics.median(v) for k, v in samples.items()}
         cells = " ".join(f"{medians[k] * 1e3:8.2f} [{min(v) * 1e3:5.2f}-{max(v) * 1e3:6.2f}]"
                          for k, v in samples.items())
-        print(f"{label:42s} {queries + groups * 10:7d} {keys + groups * 10 if keys == queries else keys:5d} "
+        print(f"{label:42s} {queries + num_dn:7d} {keys + num_dn if keys == queries else keys:5d} "
               f"{cells}  {medians['sdpa'] / medians['matmul']:.2f}x")
 
 
